@@ -1,0 +1,338 @@
+"""The MoEBlock view every method sees, whatever the model family, and the adapter registry.
+
+An adapter (one file per family in this package) turns a decoder layer's MoE MLP into a `MoEBlock`:
+router, routing rule, routed experts by id, shared experts and their gate. The view holds
+references to the live modules; it never copies weights. `MoEBlock.forward` re-implements the
+family's block so that methods can run it under a per-layer plan action (keep / prune / condense /
+drop) without rebuilding the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moepress.errors import MoepressError
+
+if TYPE_CHECKING:
+    from moepress.plan import LayerAction
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a family's router turns logits into top-k expert weights."""
+
+    scoring: Literal["softmax", "sigmoid"]
+    top_k: int
+    norm_topk: bool
+    scaling: float = 1.0
+    # Group-limited routing (DeepSeek-V2 "group_limited_greedy", DeepSeek-V3 "noaux_tc").
+    n_group: int | None = None
+    topk_group: int | None = None
+    group_score: Literal["max", "top2sum"] | None = None
+    # Qwen/OLMoE compute logits in the activations' dtype; DeepSeek casts to float32 first.
+    logits_in_fp32: bool = True
+    # Qwen/OLMoE cast the top-k weights back to the logits' dtype before use.
+    weights_to_logits_dtype: bool = False
+    # DeepSeek-V3 adds 1e-20 to the renormalisation denominator.
+    norm_eps: float = 0.0
+
+
+@dataclass
+class RouteResult:
+    logits: torch.Tensor  # [N, E_active] float32 router logits
+    scores: torch.Tensor  # [N, E_active] float32 softmax/sigmoid scores
+    weights: torch.Tensor  # [N, k] gate weights as the family applies them (post top-k, renorm, scaling)
+    index: torch.Tensor  # [N, k] expert ids in the ORIGINAL numbering
+
+
+class ExpertStore:
+    """Routed experts as gate/up/down matrices by expert id, whatever the storage."""
+
+    def __init__(self, module: nn.Module, act_fn):
+        self.module = module
+        self.act_fn = act_fn
+
+    @property
+    def num_experts(self) -> int:
+        raise NotImplementedError
+
+    def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate [I, H], up [I, H], down [H, I]) of expert `e`, as views of the live parameters."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Unweighted output of expert `e` on tokens x [N, H]."""
+        gate, up, down = self.weights(e)
+        return F.linear(self.act_fn(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+class FusedExperts(ExpertStore):
+    """transformers v5 storage: `gate_up_proj [E, 2I, H]` (gate rows first) and `down_proj [E, H, I]`."""
+
+    @property
+    def num_experts(self) -> int:
+        return self.module.gate_up_proj.shape[0]
+
+    def weights(self, e: int):
+        gate_up = self.module.gate_up_proj[e]
+        inter = gate_up.shape[0] // 2
+        return gate_up[:inter], gate_up[inter:], self.module.down_proj[e]
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        # Same op order as the transformers eager path, so outputs match to the last bit.
+        gate, up = F.linear(x, self.module.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(self.act_fn(gate) * up, self.module.down_proj[e])
+
+
+class ListExperts(ExpertStore):
+    """Remote-code storage (DeepSeekMoE-16B style): a ModuleList of MLPs with gate/up/down_proj."""
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.module)
+
+    def weights(self, e: int):
+        mlp = self.module[e]
+        return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return self.module[e](x)
+
+
+@dataclass
+class MoEBlock:
+    """One MoE MLP seen uniformly. `module` is the live block; everything else points into it."""
+
+    layer_idx: int
+    module: nn.Module
+    router_weight: nn.Parameter  # [E, H]
+    routing: Routing
+    experts: ExpertStore
+    shared: nn.Module | None = None  # one gated MLP holding all shared experts' rows
+    shared_gate: nn.Linear | None = None  # Qwen2-MoE: sigmoid(shared_gate(x)) scales the shared output
+    correction_bias: torch.Tensor | None = None  # DeepSeek-V3: added to scores for choice only
+
+    # ---- sizes -------------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.routing.top_k
+
+    @property
+    def hidden_size(self) -> int:
+        return self.router_weight.shape[1]
+
+    @property
+    def expert_intermediate(self) -> int:
+        return self.experts.weights(0)[0].shape[0]
+
+    @property
+    def shared_intermediate(self) -> int:
+        return 0 if self.shared is None else self.shared.gate_proj.weight.shape[0]
+
+    # ---- routing -----------------------------------------------------------------------------
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits [N, E] in float32."""
+        x = x.reshape(-1, self.hidden_size)
+        if self.routing.logits_in_fp32:
+            return F.linear(x.float(), self.router_weight.float())
+        return F.linear(x, self.router_weight).float()
+
+    def route(
+        self, x: torch.Tensor, active: list[int] | None = None, logits: torch.Tensor | None = None
+    ) -> RouteResult:
+        """Route tokens as the family does, optionally over a subset of experts only.
+
+        With `active`, the router behaves exactly as the family's router would with only those
+        rows in its weight: softmax (or sigmoid) over the active experts' logits, top-k among them,
+        the family's renormalisation rule, then the routed scaling factor. That is what a pruned
+        checkpoint computes, so search can score a pruning without building it.
+        """
+        r = self.routing
+        if logits is None:
+            logits = self.router_logits(x)
+        bias = self.correction_bias
+        ids = torch.arange(logits.shape[-1], device=logits.device)
+        if active is not None:
+            ids = torch.as_tensor(active, device=logits.device, dtype=torch.long)
+            logits = logits.index_select(-1, ids)
+            bias = None if bias is None else bias.index_select(0, ids)
+        n_active = logits.shape[-1]
+        if r.top_k > n_active:
+            raise MoepressError(
+                f"layer {self.layer_idx}: top_k={r.top_k} but only {n_active} experts remain; keep more experts"
+            )
+        if r.scoring == "softmax":
+            scores = logits.softmax(dim=-1, dtype=torch.float32)
+        else:
+            scores = logits.sigmoid()
+        choice = scores if bias is None else scores + bias.float()
+        if r.n_group and r.n_group > 1:
+            if n_active % r.n_group:
+                raise MoepressError(
+                    f"layer {self.layer_idx}: {n_active} experts cannot be split into {r.n_group} routing "
+                    "groups; keep a multiple of n_group experts"
+                )
+            grouped = choice.view(-1, r.n_group, n_active // r.n_group)
+            if r.group_score == "top2sum":
+                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            else:
+                group_scores = grouped.max(dim=-1).values
+            group_idx = torch.topk(group_scores, k=r.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+            score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, n_active).bool()
+            fill = 0.0 if r.group_score == "max" else float("-inf")
+            choice = choice.masked_fill(~score_mask, fill)
+        if bias is None and not (r.n_group and r.n_group > 1 and r.group_score == "top2sum"):
+            weights, local = torch.topk(choice, r.top_k, dim=-1)
+        else:
+            local = torch.topk(choice, r.top_k, dim=-1)[1]
+            weights = scores.gather(1, local)
+        if r.norm_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + r.norm_eps)
+        weights = weights * r.scaling
+        if r.weights_to_logits_dtype:
+            weights = weights.to(self.router_weight.dtype)
+        return RouteResult(logits=logits, scores=scores, weights=weights, index=ids[local])
+
+    # ---- experts -----------------------------------------------------------------------------
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return self.experts.forward(x, e)
+
+    def shared_out(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Output of the shared experts including their gate, or None if the family has none."""
+        if self.shared is None:
+            return None
+        out = self.shared(x)
+        if self.shared_gate is not None:
+            out = torch.sigmoid(self.shared_gate(x)) * out
+        return out
+
+    def routed_out(
+        self,
+        x: torch.Tensor,
+        route: RouteResult,
+        novices: dict[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Σ_k weight_k · expert_k(x), where a novice expert contributes its constant vector."""
+        out = torch.zeros_like(x)
+        novices = novices or {}
+        for e in route.index.unique().tolist():
+            token_idx, slot = torch.where(route.index == e)
+            w = route.weights[token_idx, slot, None]
+            if e in novices:
+                y = novices[e].to(x.dtype).expand(len(token_idx), -1)
+            else:
+                y = self.expert(x[token_idx], e)
+            out.index_add_(0, token_idx, (y * w).to(out.dtype))
+        return out
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        action: LayerAction | None = None,
+        novices: dict[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The block's output for x [..., H] under a plan action (None = the original block)."""
+        shape = x.shape
+        x = x.reshape(-1, self.hidden_size)
+        kind = "keep" if action is None else action.action
+        if kind == "drop":
+            return torch.zeros(shape, dtype=x.dtype, device=x.device)
+        if kind == "condense":
+            out = torch.zeros_like(x)
+            for e, w in zip(action.experts, action.weights, strict=True):
+                out = out + w * self.expert(x, e)
+        else:
+            active = None
+            if kind == "prune":
+                active = sorted(set(action.keep_experts) | set(action.novices))
+            out = self.routed_out(x, self.route(x, active), novices)
+        shared = self.shared_out(x)
+        if shared is not None and not (kind == "condense" and not action.keep_shared):
+            out = out + shared
+        return out.reshape(shape)
+
+
+class Adapter:
+    """Family knowledge: where the MoE pieces live and how the family routes."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    num_experts_key: str = "num_experts"  # config field holding the routed expert count
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.layers
+
+    def is_moe(self, layer: nn.Module) -> bool:
+        return hasattr(layer.mlp, "experts")
+
+    def block(self, layer_idx: int, layer: nn.Module) -> MoEBlock:
+        raise NotImplementedError
+
+    def matches(self, model: nn.Module) -> bool:
+        return getattr(model.config, "model_type", None) in self.model_types
+
+    # ---- convenience over the whole model ------------------------------------------------------
+    def moe_layer_ids(self, model: nn.Module) -> list[int]:
+        return [i for i, layer in enumerate(self.layers(model)) if self.is_moe(layer)]
+
+    def blocks(self, model: nn.Module) -> dict[int, MoEBlock]:
+        layers = self.layers(model)
+        return {i: self.block(i, layers[i]) for i in self.moe_layer_ids(model)}
+
+    def component(self, name: str) -> str:
+        """Which part of the model a parameter belongs to, for byte accounting."""
+        if "embed_tokens" in name or name.startswith("lm_head"):
+            return "embeddings"
+        if ".self_attn." in name:
+            return "attention"
+        if ".mlp.shared_expert" in name:
+            return "shared_experts"
+        if ".mlp.experts." in name or ".mlp.novices" in name:
+            return "routed_experts"
+        if ".mlp.gate." in name and "gate_proj" not in name:
+            return "router"
+        if ".mlp." in name:
+            return "dense_mlp"
+        return "norms_other"
+
+
+_REGISTRY: list[Adapter] = []
+
+
+def register(adapter_cls: type[Adapter]) -> type[Adapter]:
+    _REGISTRY.append(adapter_cls())
+    return adapter_cls
+
+
+def supported_families() -> list[str]:
+    _load_all()
+    return [a.family for a in _REGISTRY]
+
+
+def _load_all() -> None:
+    # Importing the family files registers them; kept lazy so base has no import cycle.
+    from moepress.models import deepseek, deepseek_moe, mixtral, olmoe, qwen_moe  # noqa: F401
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for a loaded model, auto-detected from its config and structure."""
+    _load_all()
+    for adapter in _REGISTRY:
+        if adapter.matches(model):
+            if not adapter.moe_layer_ids(model):
+                raise MoepressError(f"model of family {adapter.family} has no MoE layer; nothing to compress")
+            return adapter
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    raise MoepressError(
+        f"unsupported model family {model_type!r}; moepress supports: {', '.join(supported_families())}"
+    )

@@ -1,0 +1,213 @@
+"""CompressionPlan: the hand-off between a method (decides) and surgery (changes).
+
+A plan is plain JSON: readable, diffable, editable by hand and re-applicable to the same model.
+Novice vectors, the only tensors a plan needs, live in a sidecar safetensors file next to the JSON
+(`plan.json` -> `plan.novices.safetensors`, keys `layers.{i}.novices.{e}`); the JSON names them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from safetensors.torch import load_file, save_file
+
+from moepress.errors import MoepressError
+
+PLAN_VERSION = 1
+
+
+class Keep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["keep"] = "keep"
+
+
+class Prune(BaseModel):
+    """Remove routed experts not in `keep_experts` (nor in `novices`) from router and expert tensors.
+
+    Each id in `novices` stays in the router; its expert is replaced by a constant output vector
+    (the plan's tensor `layers.{i}.novices.{e}`) scaled by the router weight the token gives it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["prune"] = "prune"
+    keep_experts: list[int]
+    novices: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> Prune:
+        if len(set(self.keep_experts)) != len(self.keep_experts):
+            raise ValueError("keep_experts has duplicates")
+        if set(self.keep_experts) & set(self.novices):
+            raise ValueError("an expert cannot be both kept and a novice")
+        self.keep_experts = sorted(self.keep_experts)
+        self.novices = sorted(set(self.novices))
+        return self
+
+
+class Condense(BaseModel):
+    """Stop routing: output = shared(x) + Σ_i weights[i]·expert_i(x) for every token (CD-MoE)."""
+
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["condense"] = "condense"
+    experts: list[int] = Field(default_factory=list)
+    weights: list[float] = Field(default_factory=list)
+    keep_shared: bool = True
+
+    @model_validator(mode="after")
+    def _lengths(self) -> Condense:
+        if len(self.experts) != len(self.weights):
+            raise ValueError(f"condense: {len(self.experts)} experts but {len(self.weights)} weights")
+        if len(set(self.experts)) != len(self.experts):
+            raise ValueError("condense: experts has duplicates")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise ValueError("condense: weights must be finite")
+        return self
+
+
+class Drop(BaseModel):
+    """Remove the layer's MLP entirely (residual only): the layer-drop baseline."""
+
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["drop"] = "drop"
+
+
+LayerAction = Annotated[Keep | Prune | Condense | Drop, Field(discriminator="action")]
+
+
+class CompressionPlan(BaseModel):
+    """Per-layer actions plus where they came from. Layers not listed are kept."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = PLAN_VERSION
+    method: str
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    model_fingerprint: str | None = None
+    data_fingerprint: str | None = None
+    layers: dict[int, LayerAction] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)  # e.g. the JS curve of a search
+    _tensors: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _int_keys(cls, v):
+        return {int(k): a for k, a in v.items()} if isinstance(v, dict) else v
+
+    # ---- novice vectors ------------------------------------------------------------------------
+    @staticmethod
+    def novice_key(layer: int, expert: int) -> str:
+        return f"layers.{layer}.novices.{expert}"
+
+    def set_novice(self, layer: int, expert: int, vector: torch.Tensor) -> None:
+        self._tensors[self.novice_key(layer, expert)] = vector.detach().float().cpu().contiguous()
+
+    def novices(self, layer: int) -> dict[int, torch.Tensor]:
+        action = self.layers.get(layer)
+        if not isinstance(action, Prune):
+            return {}
+        missing = [e for e in action.novices if self.novice_key(layer, e) not in self._tensors]
+        if missing:
+            raise MoepressError(f"plan: layer {layer} names novices {missing} but has no vectors for them")
+        return {e: self._tensors[self.novice_key(layer, e)] for e in action.novices}
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self._tensors
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def action(self, layer: int) -> LayerAction:
+        return self.layers.get(layer, Keep())
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for a in self.layers.values():
+            counts[a.action] = counts.get(a.action, 0) + 1
+        return counts
+
+    # ---- files ---------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        side = sidecar_path(path)
+        if self._tensors:
+            save_file(dict(sorted(self._tensors.items())), str(side))
+        elif side.exists():
+            side.unlink()
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CompressionPlan:
+        path = Path(path)
+        if not path.is_file():
+            raise MoepressError(f"plan file {path} does not exist; write one with `moepress plan`")
+        try:
+            plan = cls.model_validate_json(path.read_text())
+        except ValueError as err:  # pydantic.ValidationError and JSON errors
+            first = str(err).splitlines()
+            raise MoepressError(f"plan file {path} is not a valid plan: {' '.join(first[:3])}") from None
+        side = sidecar_path(path)
+        if side.exists():
+            plan._tensors = load_file(str(side))
+        return plan
+
+    # ---- validation against a model -------------------------------------------------------------
+    def validate_for(self, model, adapter=None) -> None:
+        """Raise MoepressError if the plan cannot apply to `model` (checked before any tensor moves)."""
+        from moepress.models import get_adapter
+
+        adapter = adapter or get_adapter(model)
+        fp = self.model_fingerprint
+        if fp is not None and fp != model_fingerprint(model):
+            raise MoepressError(
+                "plan was made for another model (fingerprint mismatch); re-run `moepress plan` on this model"
+            )
+        n_layers = len(adapter.layers(model))
+        moe = set(adapter.moe_layer_ids(model))
+        for i, a in self.layers.items():
+            if not 0 <= i < n_layers:
+                raise MoepressError(f"plan: layer {i} does not exist (model has {n_layers} layers)")
+            if isinstance(a, Keep):
+                continue
+            if i not in moe:
+                raise MoepressError(f"plan: layer {i} is not an MoE layer; only MoE layers can be {a.action}ed")
+            block = adapter.block(i, adapter.layers(model)[i])
+            ids = a.keep_experts + a.novices if isinstance(a, Prune) else getattr(a, "experts", [])
+            bad = [e for e in ids if not 0 <= e < block.num_experts]
+            if bad:
+                raise MoepressError(
+                    f"plan: layer {i} names experts {bad} out of range 0..{block.num_experts - 1}"
+                )
+            if isinstance(a, Prune):
+                n_active = len(a.keep_experts) + len(a.novices)
+                if n_active < block.top_k:
+                    raise MoepressError(
+                        f"plan: layer {i} keeps {n_active} experts but routes top-{block.top_k}; keep more"
+                    )
+                for e, v in self.novices(i).items():
+                    if v.shape != (block.hidden_size,) or not torch.isfinite(v).all():
+                        raise MoepressError(f"plan: novice vector of layer {i} expert {e} is malformed")
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".novices.safetensors")
+
+
+def model_fingerprint(model) -> str:
+    """Cheap identity of a model: its config and the sums of a few weights (not a full hash)."""
+    import hashlib
+
+    cfg = model.config.to_dict()
+    keep = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("dtype", "torch_dtype")}
+    h = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        h.update(f"{emb.float()[:8].sum().item():.4e}".encode())
+    return h.hexdigest()[:16]

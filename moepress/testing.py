@@ -1,0 +1,128 @@
+"""Tiny random-initialised models of every supported family, built from real `transformers` config
+classes: the fixtures for mechanics tests and the `demo-model` command. Not for quality numbers."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV3Config,
+    MixtralConfig,
+    OlmoeConfig,
+    PretrainedConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    # larger than the usual 0.02 so block outputs are O(1e-1) and equivalence tests are sensitive
+    initializer_range=0.2,
+)
+
+
+def tiny_config(family: str, **overrides) -> PretrainedConfig:
+    """Config of a 3-layer, 8-expert, hidden-32 model of `family` (a supported `model_type`)."""
+    if family == "deepseek_v2":
+        cfg = DeepseekV2Config(
+            **_COMMON, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8,
+            n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16,
+            q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, head_dim=8,
+            norm_topk_prob=False, routed_scaling_factor=1.0, topk_method="greedy",
+        )
+    elif family == "deepseek_v3":
+        cfg = DeepseekV3Config(
+            **_COMMON, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8,
+            n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16,
+            q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, head_dim=8,
+            n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+        )
+    elif family == "qwen2_moe":
+        cfg = Qwen2MoeConfig(
+            **_COMMON, intermediate_size=64, moe_intermediate_size=16, num_experts=8,
+            num_experts_per_tok=2, shared_expert_intermediate_size=32, norm_topk_prob=False,
+            decoder_sparse_step=1, mlp_only_layers=[],
+        )
+    elif family == "qwen3_moe":
+        cfg = Qwen3MoeConfig(
+            **_COMMON, intermediate_size=64, moe_intermediate_size=16, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True, head_dim=8, decoder_sparse_step=1,
+            mlp_only_layers=[0],
+        )
+    elif family == "olmoe":
+        cfg = OlmoeConfig(**_COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2)
+    elif family == "mixtral":
+        cfg = MixtralConfig(**_COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)
+    else:
+        raise ValueError(f"no tiny config for {family!r}")
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+TINY_FAMILIES = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
+
+
+def randomize_routers(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give routers logits of order 1 so routing is far from uniform (default init is ~0)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight") or name.endswith("shared_expert_gate.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 * 2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A random-initialised tiny model of `family`, in eval mode."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    randomize_routers(model, seed)
+    return model.eval()
+
+
+def write_remote_code_model(out_dir, modeling_dir, seed: int = 0) -> None:
+    """Write a tiny DeepSeekMoE-16B style remote-code checkpoint (ModuleList experts) to `out_dir`.
+
+    `modeling_dir` holds `configuration_deepseek.py` and `modeling_deepseek.py` (the tests ship them).
+    """
+    import shutil
+    from pathlib import Path
+
+    out_dir, modeling_dir = Path(out_dir), Path(modeling_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("configuration_deepseek.py", "modeling_deepseek.py"):
+        shutil.copy(modeling_dir / name, out_dir / name)
+    cfg = tiny_config("deepseek_v2")
+    cfg.auto_map = {
+        "AutoConfig": "configuration_deepseek.DeepseekConfig",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+    }
+    d = cfg.to_dict()
+    d["model_type"] = "deepseek"
+    d["architectures"] = ["DeepseekForCausalLM"]
+    import json
+
+    (out_dir / "config.json").write_text(json.dumps(d, indent=2))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True) if (
+        out_dir / "model.safetensors"
+    ).exists() else AutoModelForCausalLM.from_config(
+        __import__("transformers").AutoConfig.from_pretrained(out_dir, trust_remote_code=True),
+        trust_remote_code=True,
+    )
+    randomize_routers(model, seed)
+    model.save_pretrained(out_dir)
