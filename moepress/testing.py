@@ -40,6 +40,7 @@ def tiny_config(family: str, **overrides) -> PretrainedConfig:
             q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, head_dim=8,
             norm_topk_prob=False, routed_scaling_factor=1.0, topk_method="greedy",
         )
+        cfg.num_key_value_heads = cfg.num_attention_heads  # MLA expands k/v per head
     elif family == "deepseek_v3":
         cfg = DeepseekV3Config(
             **_COMMON, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8,
@@ -47,6 +48,7 @@ def tiny_config(family: str, **overrides) -> PretrainedConfig:
             q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, head_dim=8,
             n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
         )
+        cfg.num_key_value_heads = cfg.num_attention_heads  # MLA expands k/v per head
     elif family == "qwen2_moe":
         cfg = Qwen2MoeConfig(
             **_COMMON, intermediate_size=64, moe_intermediate_size=16, num_experts=8,

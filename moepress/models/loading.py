@@ -1,0 +1,146 @@
+"""Loading a source model safely: checks that turn common mistakes into one-line errors before
+transformers or torch raise from deep inside."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from moepress.errors import MoepressError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls are slow there), the checkpoint's bf16 on accelerators."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise MoepressError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if dtype == "float16" and torch.device(device).type == "cpu":
+        raise MoepressError("float16 is not supported on CPU; use --dtype float32 or bfloat16")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MoepressError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MoepressError("device cuda was asked for but no GPU is visible; use --device cpu")
+    return dev
+
+
+def check_checkpoint(path: str | Path, allow_pickle: bool = False) -> Path:
+    """Raise MoepressError unless `path` is a readable Hugging Face checkpoint folder."""
+    folder = Path(path)
+    if not folder.exists():
+        raise MoepressError(f"model path {folder} does not exist; pass a Hugging Face checkpoint folder")
+    if not folder.is_dir():
+        raise MoepressError(f"model path {folder} is a file; pass the checkpoint's folder")
+    if not (folder / "config.json").is_file():
+        raise MoepressError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MoepressError(f"{folder}/config.json is not valid JSON; restore it from the source") from None
+    shards = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        needed = set(json.loads(index.read_text())["weight_map"].values())
+        missing = sorted(n for n in needed if not (folder / n).is_file())
+        if missing:
+            raise MoepressError(f"{folder} is missing shard(s) {', '.join(missing[:3])}; download them again")
+    if not shards:
+        if list(folder.glob("*.bin")) and not allow_pickle:
+            raise MoepressError(
+                f"{folder} holds only pickle (.bin) weights; pass --allow-pickle to load them with "
+                "weights_only=True, or convert to safetensors"
+            )
+        if not list(folder.glob("*.bin")):
+            raise MoepressError(f"{folder} holds no weights (*.safetensors); download the model files")
+    for shard in shards:
+        _check_safetensors_header(shard)
+    return folder
+
+
+def _check_safetensors_header(shard: Path) -> None:
+    """A truncated or corrupt shard fails here with its name, not later inside a load."""
+    size = shard.stat().st_size
+    try:
+        with shard.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > size - 8:
+                raise ValueError("header length")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise ValueError("size")
+    except (ValueError, KeyError, UnicodeDecodeError, json.JSONDecodeError):
+        raise MoepressError(f"weights file {shard.name} is truncated or corrupt; download it again") from None
+
+
+def load_model(
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """(model, tokenizer) from a local folder or a hub id; the model in eval mode.
+
+    Remote code runs only with `trust_remote_code`; pickle weights only with `allow_pickle`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(str(device) if device is not None else None)
+    dtype = resolve_dtype(dtype, device)
+    local = Path(path).exists() or str(path).startswith((".", "/", "~"))
+    if local:
+        check_checkpoint(path, allow_pickle)
+        config = json.loads((Path(path) / "config.json").read_text())
+        if "auto_map" in config and not trust_remote_code:
+            if "moepress_structure" in config:
+                from moepress.io import load as load_compressed
+
+                return load_compressed(path, dtype=dtype, device=device)
+            raise MoepressError(
+                f"{path} needs its own modeling code (auto_map); pass --trust-remote-code if you trust it"
+            )
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        raise MoepressError(f"cannot read the config of {path}: {str(err).splitlines()[0][:160]}") from None
+    except OSError:
+        raise MoepressError(f"cannot find model {path} locally and the hub is unreachable") from None
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if allow_pickle:
+        kwargs["use_safetensors"] = None
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    tokenizer = load_tokenizer(path)
+    from moepress.models import get_adapter
+
+    get_adapter(model)  # fail early and clearly on unsupported or dense models
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise MoepressError(f"weight {name} of {path} holds NaN or inf; the checkpoint is damaged")
+    return model, tokenizer
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        raise MoepressError(
+            f"{path} has no usable tokenizer (tokenizer.json / tokenizer_config.json); copy the source "
+            "model's tokenizer files into it"
+        ) from None

@@ -1,0 +1,120 @@
+"""The common path through the stages (load → tokens → calibrate → plan → apply → write) as plain
+functions the CLI, recipes and notebooks share."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from moepress.atomic import atomic_dir, check_output
+from moepress.calibrate import CalibrationResult, calibrate
+from moepress.calibrate.stats import CalibrationStats
+from moepress.data import load_tokens
+from moepress.errors import MoepressError
+from moepress.models.loading import load_model
+from moepress.plan import model_fingerprint
+
+
+def max_positions(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def calibration_tokens(model, tokenizer, data: str, n: int, seq_len: int, seed: int = 0):
+    return load_tokens(tokenizer, data, n, seq_len, seed, max_position=max_positions(model))
+
+
+def run_calibration(
+    model_path: str, data: str, *, n: int = 128, seq_len: int = 512, seed: int = 0, batch_size: int = 8,
+    device: str = "auto", dtype: str = "auto", out: str | Path | None = None, overwrite: bool = False,
+    trust_remote_code: bool = False, keep_moe_inputs: int = 0, model_and_tokenizer=None,
+) -> CalibrationResult:
+    """Load the model and data, run the layer-by-layer calibration, and write the statistics."""
+    if n <= 0:
+        raise MoepressError(f"-n must be positive (got {n}); use -n 128 for example")
+    if out is not None:
+        check_output(out, overwrite, inputs=(model_path,))
+    from moepress.models.loading import resolve_device
+
+    dev = resolve_device(device)
+    model, tokenizer = model_and_tokenizer or load_model(
+        model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code
+    )
+    batch = calibration_tokens(model, tokenizer, data, n, seq_len, seed)
+    meta = {
+        "model": str(model_path),
+        "model_fingerprint": model_fingerprint(model),
+        "data": str(data),
+        "data_fingerprint": batch.fingerprint,
+        "seed": seed,
+    }
+    result = calibrate(model, batch.input_ids, batch_size=batch_size, keep_moe_inputs=keep_moe_inputs,
+                       device=dev, meta=meta, seed=seed)
+    if out is not None:
+        with atomic_dir(out, overwrite) as tmp:
+            result.stats.save(tmp)
+    return result
+
+
+def stats_cache_dir(model, data_fingerprint: str, n: int, seq_len: int) -> Path:
+    """Where `compress` keeps statistics so the same model and data are calibrated once."""
+    root = Path(os.environ.get("MOEPRESS_CACHE", Path.home() / ".cache" / "moepress"))
+    key = hashlib.sha256(f"{model_fingerprint(model)}|{data_fingerprint}|{n}|{seq_len}".encode()).hexdigest()
+    return root / "stats" / key[:20]
+
+
+def cached_calibration(model, tokenizer, data: str, n: int, seq_len: int, seed: int, batch_size: int,
+                       device, keep_moe_inputs: int = 0) -> tuple[CalibrationStats, dict, object]:
+    """Statistics from the cache when the same model+data were calibrated before, else computed."""
+    import torch
+
+    batch = calibration_tokens(model, tokenizer, data, n, seq_len, seed)
+    cache = stats_cache_dir(model, batch.fingerprint, n, seq_len)
+    inputs_file = cache / "moe_inputs.pt"
+    if (cache / "stats.json").is_file() and (not keep_moe_inputs or inputs_file.is_file()):
+        stats = CalibrationStats.load(cache)
+        moe_inputs = torch.load(inputs_file, weights_only=True) if keep_moe_inputs else {}
+        return stats, moe_inputs, batch
+    meta = {"model_fingerprint": model_fingerprint(model), "data": str(data),
+            "data_fingerprint": batch.fingerprint, "seed": seed}
+    result = calibrate(model, batch.input_ids, batch_size=batch_size, keep_moe_inputs=keep_moe_inputs,
+                       device=device, meta=meta, seed=seed)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(cache, overwrite=True) as tmp:
+            result.stats.save(tmp)
+            if keep_moe_inputs:
+                torch.save(result.moe_inputs, tmp / "moe_inputs.pt")
+    except (OSError, MoepressError):
+        pass  # a cache that cannot be written only costs time
+    return result.stats, result.moe_inputs, batch
+
+
+def write_demo_model(out: str | Path, family: str = "deepseek_v2", overwrite: bool = False, seed: int = 0) -> Path:
+    """A tiny random-initialised checkpoint with a byte-level tokenizer: tries the tool with no download."""
+    from moepress.testing import TINY_FAMILIES, tiny_model
+
+    if family not in TINY_FAMILIES:
+        raise MoepressError(f"unknown family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+    model = tiny_model(family, seed=seed, vocab_size=260, max_position_embeddings=1024)
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        byte_tokenizer().save_pretrained(tmp)
+    return Path(out)
+
+
+def byte_tokenizer():
+    """A 260-token byte-level tokenizer built offline (256 bytes + 4 specials)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    for i, ch in enumerate(sorted(byte_chars)):
+        vocab[ch] = 4 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
