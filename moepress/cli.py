@@ -66,14 +66,23 @@ def calibrate(
     dtype: DtypeOpt = "auto",
     overwrite: bool = False,
     trust_remote_code: RemoteOpt = False,
+    stream: Annotated[bool, typer.Option(help="read one layer at a time from the shards")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run from OUT.partial/")] = False,
 ) -> None:
-    """Collect per-expert statistics layer by layer; writes stats.safetensors + stats.json."""
+    """Collect per-expert statistics layer by layer; writes stats.safetensors + stats.json.
+
+    Several GPUs: `torchrun --nproc-per-node G -m moepress calibrate ...` splits the sequences.
+    """
     from moepress.pipeline import run_calibration
 
     result = run_calibration(
         model, data, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
-        out=out, overwrite=overwrite, trust_remote_code=trust_remote_code,
+        out=out, overwrite=overwrite, trust_remote_code=trust_remote_code, stream=stream, resume=resume,
     )
+    from moepress.calibrate.distributed import world
+
+    if world()[0] != 0:
+        return
     s = result.stats
     console.print(f"calibrated {len(s.layers)} MoE layers on {s.meta['num_sequences']}×{s.meta['seq_len']} "
                   f"tokens (data {s.meta.get('data_fingerprint')}) → {out}")

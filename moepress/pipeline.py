@@ -28,31 +28,62 @@ def run_calibration(
     model_path: str, data: str, *, n: int = 128, seq_len: int = 512, seed: int = 0, batch_size: int = 8,
     device: str = "auto", dtype: str = "auto", out: str | Path | None = None, overwrite: bool = False,
     trust_remote_code: bool = False, keep_moe_inputs: int = 0, model_and_tokenizer=None,
+    stream: bool = False, resume: bool = False,
 ) -> CalibrationResult:
-    """Load the model and data, run the layer-by-layer calibration, and write the statistics."""
+    """Load the model and data, run the layer-by-layer calibration, and write the statistics.
+
+    `stream` reads one decoder layer at a time from the shards (models larger than memory);
+    `resume` continues an interrupted run from `OUT.partial/`; under torchrun the sequences are
+    split across ranks, statistics merged, and rank 0 writes.
+    """
+    from moepress.calibrate import distributed
+    from moepress.calibrate.resume import calibrate_resumable, finish
+    from moepress.models.loading import check_checkpoint, load_tokenizer, resolve_device, resolve_dtype
+
     if n <= 0:
         raise MoepressError(f"-n must be positive (got {n}); use -n 128 for example")
-    if out is not None:
-        check_output(out, overwrite, inputs=(model_path,))
-    from moepress.models.loading import resolve_device
+    rank, size = distributed.world()
+    if out is not None and rank == 0:
+        check_output(out, overwrite or resume, inputs=(model_path,))
+    dev = distributed.init_if_needed() or resolve_device(device)
+    streamer = None
+    if stream:
+        from moepress.calibrate.streaming import Streamer
 
-    dev = resolve_device(device)
-    model, tokenizer = model_and_tokenizer or load_model(
-        model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code
-    )
+        check_checkpoint(model_path)
+        streamer = Streamer(model_path, dev, resolve_dtype(dtype, dev), trust_remote_code)
+        model, tokenizer = streamer.model, load_tokenizer(model_path)
+    else:
+        model, tokenizer = model_and_tokenizer or load_model(
+            model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code
+        )
     batch = calibration_tokens(model, tokenizer, data, n, seq_len, seed)
     meta = {
         "model": str(model_path),
-        "model_fingerprint": model_fingerprint(model),
+        "model_fingerprint": None if stream else model_fingerprint(model),
         "data": str(data),
         "data_fingerprint": batch.fingerprint,
         "seed": seed,
     }
-    result = calibrate(model, batch.input_ids, batch_size=batch_size, keep_moe_inputs=keep_moe_inputs,
-                       device=dev, meta=meta, seed=seed)
-    if out is not None:
-        with atomic_dir(out, overwrite) as tmp:
+    ids = distributed.shard(batch.input_ids, rank, size)
+    kwargs = dict(batch_size=batch_size, keep_moe_inputs=keep_moe_inputs, device=dev, meta=meta, seed=seed,
+                  stream=streamer)
+    try:
+        if out is not None:
+            progress_out = Path(out) if size == 1 else Path(f"{out}.rank{rank}")
+            result = calibrate_resumable(model, ids, progress_out, batch.fingerprint, resume, **kwargs)
+        else:
+            result = calibrate(model, ids, **kwargs)
+    finally:
+        if streamer is not None:
+            streamer.close()
+    result.stats = distributed.all_merge(result.stats)
+    result.stats.meta.update(meta, num_sequences=int(batch.input_ids.shape[0]))
+    if out is not None and rank == 0:
+        with atomic_dir(out, overwrite or resume) as tmp:
             result.stats.save(tmp)
+    if out is not None:
+        finish(progress_out)
     return result
 
 

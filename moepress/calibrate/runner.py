@@ -131,28 +131,30 @@ def calibrate(
     keep_moe_inputs: int = 0,
     device: torch.device | str | None = None,
     meta: dict | None = None,
-    on_layer: Callable[[int, LayerStats], None] | None = None,
+    on_layer: Callable[[int, LayerStats | None, LayerInputs], None] | None = None,
     start_layer: int = 0,
     inputs: LayerInputs | None = None,
     seed: int = 0,
+    stream=None,
 ) -> CalibrationResult:
     """Per-expert statistics of every MoE layer from one layer-by-layer pass over `input_ids`.
 
     `keep_moe_inputs` > 0 also keeps that many token hidden states entering each MoE MLP (a seeded
     sample), for methods that reconstruct a layer's output (NAEE). Layers move to `device` one at
-    a time and back to where they were.
+    a time and back to where they were; with `stream` (a `streaming.Streamer`) each layer is instead
+    read from the checkpoint shards just before it runs and released right after.
     """
     adapter = get_adapter(model)
     layers = adapter.layers(model)
-    home = model_device(model)
-    device = torch.device(device) if device is not None else home
+    home = model_device(model) if stream is None else torch.device("meta")
+    device = torch.device(device) if device is not None else (home if stream is None else stream.device)
     inputs = inputs or capture_inputs(model, input_ids, batch_size, adapter, device)
     moe_ids = set(adapter.moe_layer_ids(model))
     stats: dict[int, LayerStats] = {}
     moe_inputs: dict[int, torch.Tensor] = {}
     g = torch.Generator().manual_seed(seed)
     for i in progress(range(start_layer, len(layers)), "calibrating layers"):
-        layer = layers[i].to(device)
+        layer = stream.load_layer(i) if stream is not None else layers[i].to(device)
         handle = None
         if i in moe_ids:
             block = adapter.block(i, layer)
@@ -171,15 +173,18 @@ def calibrate(
         finally:
             if handle is not None:
                 handle.remove()
-            layers[i] = layer.to(home)
+            if stream is not None:
+                stream.release_layer(i)
+            else:
+                layers[i] = layer.to(home)
         if i in moe_ids:
             stats[i] = s
             if keep_moe_inputs:
                 allx = torch.cat(seen)
                 pick = torch.randperm(allx.shape[0], generator=g)[:keep_moe_inputs].sort().values
                 moe_inputs[i] = allx[pick]
-            if on_layer is not None:
-                on_layer(i, s)
+        if on_layer is not None:
+            on_layer(i, stats.get(i), inputs)
     cal = CalibrationStats(layers=stats, meta=dict(meta or {}))
     cal.meta.setdefault("family", adapter.family)
     cal.meta.setdefault("num_sequences", int(input_ids.shape[0]))

@@ -269,6 +269,13 @@ class Adapter:
     model_types: tuple[str, ...] = ()
     num_experts_key: str = "num_experts"  # config field holding the routed expert count
 
+    # Published checkpoints store one tensor per expert under these names (see calibrate/streaming.py).
+    legacy_expert_names: dict[str, str] = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+    def legacy_aliases(self, name: str) -> list[str]:
+        """Other names a checkpoint may use for model tensor `name` (older layouts)."""
+        return []
+
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 

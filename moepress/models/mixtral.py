@@ -16,6 +16,10 @@ class MixtralAdapter(Adapter):
     family = "mixtral"
     model_types = ("mixtral",)
     num_experts_key = "num_local_experts"
+    legacy_expert_names = {"gate": "w1", "up": "w3", "down": "w2"}
+
+    def legacy_aliases(self, name: str) -> list[str]:
+        return [name.replace(".mlp.", ".block_sparse_moe.")] if ".mlp." in name else []
 
     def block(self, layer_idx: int, layer: nn.Module) -> MoEBlock:
         mlp = layer.mlp

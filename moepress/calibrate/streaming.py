@@ -1,0 +1,168 @@
+"""Streaming execution for models larger than the accelerator (or host) memory.
+
+The model is built as a skeleton on the meta device; each decoder layer's tensors are read lazily
+from the safetensors shards only when that layer runs, moved to the compute device, used, and
+dropped back to meta. Peak accelerator memory ≈ one layer's weights + the calibration activations;
+peak host memory ≈ one layer + the activation cache.
+
+Checkpoints store experts either as transformers v5 fused tensors or, as published checkpoints and
+`save_pretrained` do, one tensor per expert (`experts.{e}.gate_proj.weight`, ...); the per-expert
+form is stacked on the fly (names per family from the adapter).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from moepress.errors import MoepressError
+from moepress.models import get_adapter
+from moepress.models.base import Adapter
+
+
+class LazyCheckpoint:
+    """Tensor lookup across safetensors shards, reading only the tensors asked for."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            weight_map = {}
+            for shard in sorted(self.folder.glob("*.safetensors")):
+                with safe_open(shard, "pt") as f:
+                    weight_map.update({k: shard.name for k in f.keys()})
+        if not weight_map:
+            raise MoepressError(f"{self.folder} holds no safetensors weights")
+        self.weight_map = weight_map
+        self._stack = ExitStack()
+        self._handles: dict[str, object] = {}
+
+    def _file(self, shard: str):
+        if shard not in self._handles:
+            self._handles[shard] = self._stack.enter_context(safe_open(self.folder / shard, "pt"))
+        return self._handles[shard]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._file(self.weight_map[key]).get_tensor(key)
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def tensor_for(self, name: str, adapter: Adapter) -> torch.Tensor:
+        """The checkpoint tensor for model parameter/buffer `name`, stacking per-expert tensors."""
+        names = adapter.legacy_expert_names
+        for alias in (name, *adapter.legacy_aliases(name)):
+            if alias in self:
+                return self.get(alias)
+            for suffix, parts in (("experts.gate_up_proj", ("gate", "up")), ("experts.down_proj", ("down",))):
+                if not alias.endswith(suffix):
+                    continue
+                prefix = alias[: -len(suffix)] + "experts."
+                experts, e = [], 0
+                while f"{prefix}{e}.{names['gate']}.weight" in self:
+                    experts.append(torch.cat([self.get(f"{prefix}{e}.{names[p]}.weight") for p in parts], 0))
+                    e += 1
+                if experts:
+                    return torch.stack(experts)
+        raise MoepressError(f"checkpoint {self.folder} has no tensor for {name}; it is incomplete")
+
+
+def build_skeleton(folder: str | Path, dtype: torch.dtype = torch.bfloat16, trust_remote_code: bool = False):
+    """The model with every parameter on the meta device (no memory), plus its adapter."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval(), get_adapter(model)
+
+
+def materialize(module: nn.Module, prefix: str, ckpt: LazyCheckpoint, adapter: Adapter, device, dtype) -> None:
+    """Give `module` (named `prefix` in the model) real tensors from the checkpoint on `device`."""
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+            full = f"{prefix}.{name}" if prefix else name
+            try:
+                t = ckpt.tensor_for(full, adapter)
+            except MoepressError:
+                if isinstance(p, nn.Parameter):
+                    raise
+                continue  # non-persistent buffers (rotary tables) are recomputed below
+            p.copy_(t.to(dtype=p.dtype if p.is_floating_point() else t.dtype))
+    _reset_rotary(module, device)
+
+
+def _reset_rotary(module: nn.Module, device) -> None:
+    """Rotary embeddings keep non-persistent `inv_freq` tables computed at init; rebuild them."""
+    for m in module.modules():
+        if hasattr(m, "inv_freq") and hasattr(m, "config"):
+            fresh = type(m)(m.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                setattr(m, name, buf.to(device))
+            m.attention_scaling = getattr(fresh, "attention_scaling", 1.0)
+
+
+def release(module: nn.Module) -> None:
+    """Drop a module's tensors back to the meta device, freeing its memory."""
+    module.to("meta")
+
+
+class Streamer:
+    """A meta-device model whose decoder layers are read from the shards one at a time."""
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model, self.adapter = build_skeleton(folder, dtype, trust_remote_code)
+        self.ckpt = LazyCheckpoint(folder)
+        self.layers = self.adapter.layers(self.model)
+        self.prefixes = _layer_names(self.model, self.layers)
+        in_layers = tuple(f"{p}." for p in self.prefixes)
+        # Everything but the decoder layers (embeddings, final norm, head, rotary) is small: load it.
+        for name, child in self.model.named_modules():
+            if name and not list(child.children()) and not name.startswith(in_layers):
+                materialize(child, name, self.ckpt, self.adapter, self.device, dtype)
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+
+    def load_layer(self, i: int) -> nn.Module:
+        materialize(self.layers[i], self.prefixes[i], self.ckpt, self.adapter, self.device, self.dtype)
+        return self.layers[i]
+
+    def release_layer(self, i: int) -> None:
+        release(self.layers[i])
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+def calibrate_streaming(folder: str | Path, input_ids: torch.Tensor, device="cpu", dtype=torch.float32,
+                        trust_remote_code: bool = False, **kwargs):
+    """`runner.calibrate` without ever holding the whole model: layers stream from the shards."""
+    from moepress.calibrate.runner import calibrate
+
+    streamer = Streamer(folder, device, dtype, trust_remote_code)
+    try:
+        return calibrate(streamer.model, input_ids, device=streamer.device, stream=streamer, **kwargs)
+    finally:
+        streamer.close()
+
+
+def _layer_names(model: nn.Module, layers: nn.ModuleList) -> list[str]:
+    for name, child in model.named_modules():
+        if child is layers:
+            return [f"{name}.{i}" for i in range(len(layers))]
+    raise RuntimeError("decoder layers not found")
