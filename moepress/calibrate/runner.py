@@ -148,7 +148,8 @@ def calibrate(
     layers = adapter.layers(model)
     home = model_device(model) if stream is None else torch.device("meta")
     device = torch.device(device) if device is not None else (home if stream is None else stream.device)
-    inputs = inputs or capture_inputs(model, input_ids, batch_size, adapter, device)
+    capture_device = device if stream is None else stream.rest_device
+    inputs = inputs or capture_inputs(model, input_ids, batch_size, adapter, capture_device)
     moe_ids = set(adapter.moe_layer_ids(model))
     stats: dict[int, LayerStats] = {}
     moe_inputs: dict[int, torch.Tensor] = {}

@@ -123,8 +123,12 @@ class Streamer:
     """A meta-device model whose decoder layers are read from the shards one at a time."""
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                 rest_device: str | torch.device = "cpu"):
         self.device = torch.device(device)
+        # Embeddings and head can be as large as a layer; calibration needs the embeddings once, on
+        # the host, so they stay there and the accelerator holds only the running layer.
+        self.rest_device = torch.device(rest_device)
         self.dtype = dtype
         self.model, self.adapter = build_skeleton(folder, dtype, trust_remote_code)
         self.ckpt = LazyCheckpoint(folder)
@@ -134,7 +138,7 @@ class Streamer:
         # Everything but the decoder layers (embeddings, final norm, head, rotary) is small: load it.
         for name, child in self.model.named_modules():
             if name and not list(child.children()) and not name.startswith(in_layers):
-                materialize(child, name, self.ckpt, self.adapter, self.device, dtype)
+                materialize(child, name, self.ckpt, self.adapter, self.rest_device, dtype)
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
 
