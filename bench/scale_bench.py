@@ -157,7 +157,7 @@ def main() -> None:
     }
     if rank == 0:
         gib = 2**30
-        print(f"| shape | GPUs | model bf16 | largest layer | peak GPU | peak/(layer+batch act) | calib wall |")
+        print("| shape | GPUs | model bf16 | largest layer | peak GPU | peak/(layer+batch act) | calib wall |")
         print(f"| {row['shape']} | {world} × {row['device']} | {row['model_bf16_bytes'] / gib:.1f} GiB | "
               f"{layer_bytes / gib:.2f} GiB | {peak / gib:.2f} GiB | "
               f"{row['peak_over_layer_plus_batch'] or 0:.2f} | {wall:.1f} s |")

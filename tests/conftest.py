@@ -9,6 +9,11 @@ import pytest
 
 os.environ.setdefault("MOEPRESS_QUIET", "1")
 
+import torch  # noqa: E402
+
+# one intra-op thread: CI has 2 cores and pytest-xdist-free runs are steadier and no slower this way
+torch.set_num_threads(1)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = SHARED / "models"

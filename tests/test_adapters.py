@@ -17,7 +17,7 @@ from .conftest import MINI_MODELS, mini_model_path
 def _check_block_equivalence(model):
     adapter = get_adapter(model)
     torch.manual_seed(0)
-    for i, block in adapter.blocks(model).items():
+    for block in adapter.blocks(model).values():
         x = torch.randn(3, 7, block.hidden_size)
         with torch.no_grad():
             ref = block.module(x)

@@ -138,6 +138,15 @@ class MoEBlock:
     def shared_intermediate(self) -> int:
         return 0 if self.shared is None else self.shared.gate_proj.weight.shape[0]
 
+    @property
+    def router(self) -> nn.Module:
+        """The module that owns `router_weight` (and any router buffer): what pruning rebuilds."""
+        return next(
+            m
+            for m in self.module.modules()
+            if any(p is self.router_weight for p in m.parameters(recurse=False))
+        )
+
     # ---- routing -----------------------------------------------------------------------------
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits [N, E] in float32."""
@@ -279,6 +288,10 @@ class Adapter:
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm between the last decoder layer and the LM head (search scores hidden states with it)."""
+        return model.model.norm
+
     def is_moe(self, layer: nn.Module) -> bool:
         return hasattr(layer.mlp, "experts")
 
@@ -331,12 +344,16 @@ def _load_all() -> None:
     from moepress.models import deepseek, deepseek_moe, mixtral, olmoe, qwen_moe  # noqa: F401
 
 
-def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter for a loaded model, auto-detected from its config and structure."""
+def get_adapter(model: nn.Module, require_moe: bool = True) -> Adapter:
+    """The adapter for a loaded model, auto-detected from its config and structure.
+
+    `require_moe=False` also accepts a model whose MoE layers were all condensed or dropped (fine-tuning
+    a compressed model still needs to find its layers).
+    """
     _load_all()
     for adapter in _REGISTRY:
         if adapter.matches(model):
-            if not adapter.moe_layer_ids(model):
+            if require_moe and not adapter.moe_layer_ids(model):
                 raise MoepressError(f"model of family {adapter.family} has no MoE layer; nothing to compress")
             return adapter
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)

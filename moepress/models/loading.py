@@ -98,7 +98,7 @@ def load_model(
 
     Remote code runs only with `trust_remote_code`; pickle weights only with `allow_pickle`.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     device = resolve_device(str(device) if device is not None else None)
     dtype = resolve_dtype(dtype, device)
@@ -110,7 +110,7 @@ def load_model(
             if "moepress_structure" in config:
                 from moepress.io import load as load_compressed
 
-                return load_compressed(path, dtype=dtype, device=device)
+                return load_compressed(path, dtype=dtype, device=device), load_tokenizer(path)
             raise MoepressError(
                 f"{path} needs its own modeling code (auto_map); pass --trust-remote-code if you trust it"
             )
@@ -127,7 +127,9 @@ def load_model(
     tokenizer = load_tokenizer(path)
     from moepress.models import get_adapter
 
-    get_adapter(model)  # fail early and clearly on unsupported or dense models
+    # fail early and clearly on unsupported or dense models; a moepress output may have no MoE layer left
+    compressed = local and (Path(path) / "moepress_plan.json").exists()
+    get_adapter(model, require_moe=not compressed)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise MoepressError(f"weight {name} of {path} holds NaN or inf; the checkpoint is damaged")

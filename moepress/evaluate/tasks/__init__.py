@@ -1,0 +1,1 @@
+"""lm-evaluation-harness task definitions (YAML) that read a local jsonl instead of the hub."""

@@ -1,0 +1,31 @@
+"""`moepress_manifest.json`: what a compressed checkpoint was made from and what it saved, by component."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from pydantic import BaseModel, ConfigDict
+
+MANIFEST_FILE = "moepress_manifest.json"
+
+
+def moepress_version() -> str:
+    try:
+        return version("moepress")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+class Manifest(BaseModel):
+    """Written next to the weights; `bytes_*`/`params_*` are per `Adapter.component`, with 'total'."""
+
+    model_config = ConfigDict(extra="forbid")
+    moepress_version: str
+    source_fingerprint: str
+    source_path: str | None
+    plan_method: str
+    plain_architecture: bool  # loads with plain transformers, no custom code
+    params_before: dict[str, int]
+    params_after: dict[str, int]
+    bytes_before: dict[str, int]
+    bytes_after: dict[str, int]

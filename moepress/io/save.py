@@ -1,0 +1,215 @@
+"""Write a compressed model as a Hugging Face checkpoint folder, atomically and verified.
+
+The folder holds safetensors shards (`save_pretrained`, original key format), config.json, the
+source's tokenizer files, `moepress_plan.json` (+ novice sidecar) and `moepress_manifest.json`.
+
+- Expressible in the source architecture (uniform pruning, nothing else): a plain config of the
+  source `model_type` with the expert count updated; `AutoModelForCausalLM.from_pretrained` loads it
+  with no custom code (and vLLM/SGLang can serve it).
+- Otherwise: config.json carries `moepress_structure` and an `auto_map` to `modeling_moepress.py`
+  (a subclass of the family's class that rebuilds the changed layers in `__init__`) next to a copy of
+  `moepress/modules/compressed.py` (`moepress_modules.py`); `trust_remote_code=True` loads it with
+  plain transformers, `moepress.load` without running the folder's code.
+- From a remote-code source (DeepSeekMoE-16B): the source's modeling files are copied too and the
+  result stays remote code — plain when expressible (the source's own code, expert count updated),
+  else `modeling_moepress.py` subclasses the source's class from the copied file.
+
+The folder is built in a temporary sibling `OUT.tmp-*`, reloaded, and its logits on a few token ids
+compared with the in-memory model before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moepress.atomic import atomic_dir, check_output
+from moepress.errors import MoepressError
+from moepress.io.load import load
+from moepress.io.manifest import MANIFEST_FILE, Manifest, moepress_version
+from moepress.io.sizes import size_by_component
+from moepress.plan import CompressionPlan
+
+PLAN_FILE = "moepress_plan.json"
+MODELING_FILE = "modeling_moepress.py"
+MODULES_FILE = "moepress_modules.py"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_MODELING = '''"""Loads this moepress-compressed checkpoint: the {cls} architecture
+with the per-layer changes in `config.moepress_structure` (pruned or novice experts, condensed or
+dropped MLPs), rebuilt before the weights load. Written by moepress {version}; needs only torch and
+transformers."""
+
+{imports}
+from .moepress_modules import apply_structure
+{config}
+
+class MoepressForCausalLM(_Base):
+{config_class}    def __init__(self, config):
+        super().__init__(config)
+        apply_structure(self, config.moepress_structure)
+'''
+_REMOTE_CONFIG = '''
+
+class MoepressConfig(_BaseConfig):
+    """The source's config under its own class: transformers' auto registry maps remote config
+    classes to model classes, and must not mistake this checkpoint for an uncompressed one."""
+'''
+
+
+def modeling_source(structure: dict, config_cls: type) -> str:
+    """`modeling_moepress.py`: the base class (from transformers, or the source's copied remote code)
+    whose `__init__` also rebuilds the changed layers."""
+    base = structure["base"]
+    imports = f"from {base['module']} import {base['class']} as _Base\n"
+    remote = base["module"].startswith(".")
+    if remote:
+        config_module = "." + config_cls.__module__.rsplit(".", 1)[-1]
+        imports = f"from {config_module} import {config_cls.__name__} as _BaseConfig\n" + imports
+    return _MODELING.format(
+        cls=base["class"],
+        version=moepress_version(),
+        imports=imports,
+        config=_REMOTE_CONFIG if remote else "",
+        config_class="    config_class = MoepressConfig\n\n" if remote else "",
+    )
+
+
+def save_compressed(
+    model: nn.Module,
+    plan: CompressionPlan,
+    out: str | Path,
+    *,
+    source: str | Path | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+    verify: bool = True,
+) -> Path:
+    """Write `model` (compressed by `apply_plan(model, plan)`) to the folder `out` and return it.
+
+    `source` is the original checkpoint folder (default: where the model was loaded from); its
+    tokenizer files (and, for remote code, modeling files) are copied, and it is never written.
+    `verify` reloads the written folder and compares logits (needs memory for a second copy).
+    """
+    record = getattr(model, "moepress_source", None)
+    if record is None:
+        raise MoepressError(
+            "the model was not compressed by moepress; call moepress.surgery.apply_plan first"
+        )
+    if source is None and record.path and Path(record.path).is_dir():
+        source = record.path
+    source = Path(source) if source is not None else None
+    out = check_output(out, overwrite, inputs=(source,) if source else ())
+    structure = getattr(model.config, "moepress_structure", None)
+    remote = not type(model).__module__.startswith("transformers.")
+
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if remote:
+            _copy_remote_code(model, source, tmp)
+        if structure is not None:
+            (tmp / MODELING_FILE).write_text(modeling_source(structure, type(model.config)))
+            shutil.copyfile(Path(__file__).parents[1] / "modules" / "compressed.py", tmp / MODULES_FILE)
+        _finish_config(tmp / "config.json", structure)
+        if source is not None:
+            for name in TOKENIZER_FILES:
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, tmp / name)
+        plan.save(tmp / PLAN_FILE)
+        params, nbytes = size_by_component(model, record.adapter)
+        manifest = Manifest(
+            moepress_version=moepress_version(),
+            source_fingerprint=record.fingerprint,
+            source_path=record.path,
+            plan_method=plan.method,
+            plain_architecture=structure is None,
+            params_before=record.params,
+            params_after=params,
+            bytes_before=record.bytes,
+            bytes_after=nbytes,
+        )
+        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=1) + "\n")
+        if verify:
+            verify_checkpoint(model, tmp, plain=structure is None and not remote, trust_remote_code=remote)
+    return out
+
+
+def _finish_config(path: Path, structure: dict | None) -> None:
+    """Point `auto_map` at files in the folder; for a compressed structure, at modeling_moepress."""
+    config = json.loads(path.read_text())
+    # hub references ("org/repo--modeling_x.Cls") become local: the code now lives in the folder
+    auto_map = {k: v.split("--")[-1] for k, v in config.get("auto_map", {}).items()}
+    if structure is not None:
+        # other auto classes (AutoModel, ...) would build the uncompressed architecture
+        modeling = Path(MODELING_FILE).stem
+        auto_map = {"AutoModelForCausalLM": f"{modeling}.MoepressForCausalLM"}
+        if structure["base"]["module"].startswith("."):
+            auto_map["AutoConfig"] = f"{modeling}.MoepressConfig"
+        config["architectures"] = ["MoepressForCausalLM"]
+    if auto_map:
+        config["auto_map"] = auto_map
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_remote_code(model: nn.Module, source: Path | None, dst: Path) -> None:
+    """The source's own modeling/configuration files: all top-level .py of a local source folder,
+    else the files the model's and config's classes were loaded from (with their relative imports)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    if source is not None and any(source.glob("*.py")):
+        files = set(source.glob("*.py"))
+    else:
+        files = set()
+        for cls in (type(model), type(model.config)):
+            if not cls.__module__.startswith("transformers."):
+                f = Path(inspect.getfile(cls))
+                files |= {f, *map(Path, get_relative_import_files(str(f)))}
+    for f in files:
+        shutil.copyfile(f, dst / f.name)
+
+
+def probe_ids(vocab_size: int, n: int = 12) -> torch.Tensor:
+    """A few token ids spread over the vocabulary, as one sequence."""
+    return torch.linspace(0, vocab_size - 1, n).long()[None]
+
+
+def verify_checkpoint(model: nn.Module, folder: Path, plain: bool, trust_remote_code: bool = False) -> None:
+    """Reload `folder` and compare its logits with `model`'s; raise if the folder does not reproduce it.
+
+    A plain folder is reloaded with plain `AutoModelForCausalLM` (no custom code), which is the
+    promise such a folder makes; any other through `moepress.load`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    p = next(model.parameters())
+    if plain:
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=p.dtype).to(p.device).eval()
+    else:
+        reloaded = load(folder, dtype=p.dtype, device=p.device, trust_remote_code=trust_remote_code)
+    ids = probe_ids(model.config.vocab_size).to(p.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits.float()
+        got = reloaded(ids).logits.float()
+    model.train(was_training)
+    tol = 1e-5 if p.dtype == torch.float32 else 1e-2
+    diff = (want - got).abs().max().item()
+    if not diff <= tol * max(1.0, want.abs().max().item()):
+        raise RuntimeError(
+            f"the written checkpoint does not reproduce the model (max logit difference {diff:.3g})"
+        )

@@ -1,0 +1,116 @@
+"""What a checkpoint weighs: measured on a model, or predicted for a plan before any tensor moves.
+
+Both count what `save_pretrained` writes: every parameter and persistent buffer once (tied weights
+once), in its own dtype. The prediction is arithmetic on the source model's shapes, independent of
+the surgery code, so the tests that compare it with written files check the surgery too.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moepress.models import Adapter, get_adapter
+from moepress.plan import CompressionPlan, Condense, Drop, Prune
+
+
+@dataclass(frozen=True)
+class Size:
+    params: int
+    bytes: int
+
+
+def saved_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor a checkpoint stores: parameters (tied ones once) and
+    persistent buffers such as DeepSeek-V3's `e_score_correction_bias`."""
+    yield from model.named_parameters()
+    for mod_name, mod in model.named_modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                yield (f"{mod_name}.{name}" if mod_name else name), buf
+
+
+def size_of(model: nn.Module) -> Size:
+    params = nbytes = 0
+    for _, t in saved_tensors(model):
+        params += t.numel()
+        nbytes += t.numel() * t.element_size()
+    return Size(params, nbytes)
+
+
+def size_by_component(model: nn.Module, adapter: Adapter) -> tuple[dict[str, int], dict[str, int]]:
+    """(parameters, bytes) per `adapter.component`, each with a 'total'."""
+    params: dict[str, int] = defaultdict(int)
+    nbytes: dict[str, int] = defaultdict(int)
+    for name, t in saved_tensors(model):
+        c = adapter.component(name)
+        params[c] += t.numel()
+        nbytes[c] += t.numel() * t.element_size()
+    params["total"] = sum(params.values())
+    nbytes["total"] = sum(nbytes.values())
+    return dict(params), dict(nbytes)
+
+
+def _sum(tensors) -> Size:
+    tensors = list(tensors)
+    return Size(sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors))
+
+
+def _rows(tensors, n_old: int, n_new: int) -> Size:
+    """Size of the tensors once those with a leading per-expert dimension keep `n_new` of `n_old`."""
+    params = nbytes = 0
+    for t in tensors:
+        n = t.numel() // n_old * n_new if t.ndim and t.shape[0] == n_old else t.numel()
+        params += n
+        nbytes += n * t.element_size()
+    return Size(params, nbytes)
+
+
+def predict_size(model: nn.Module, plan: CompressionPlan) -> Size:
+    """Parameters and bytes of the checkpoint `plan` would produce from `model` (not changed)."""
+    adapter = get_adapter(model)
+    plan.validate_for(model, adapter)
+    total = size_of(model)
+    params, nbytes = total.params, total.bytes
+    layers = adapter.layers(model)
+    for i, action in plan.layers.items():
+        if not isinstance(action, Prune | Condense | Drop):
+            continue
+        block = adapter.block(i, layers[i])
+        old = _sum(t for _, t in saved_tensors(block.module))
+        gate, _, _ = block.experts.weights(0)
+        itemsize, hidden = gate.element_size(), block.hidden_size
+        if isinstance(action, Drop):
+            new = Size(0, 0)
+        elif isinstance(action, Condense):
+            shared = block.shared_intermediate if action.keep_shared else 0
+            rows = shared + len(action.experts) * block.expert_intermediate
+            n = 3 * rows * hidden + (hidden if action.keep_shared and block.shared_gate is not None else 0)
+            new = Size(n, n * itemsize)
+        else:
+            e, n_active = block.num_experts, len(action.keep_experts) + len(action.novices)
+            router, experts = block.router, block.experts.module
+            moved = {id(t) for m in (router, experts) for _, t in saved_tensors(m)}
+            rest = _sum(t for _, t in saved_tensors(block.module) if id(t) not in moved)
+            routed = _rows([t for _, t in saved_tensors(router)], e, n_active)
+            if isinstance(experts, nn.ModuleList):
+                kept = _sum(t for k in action.keep_experts for _, t in saved_tensors(experts[k]))
+            else:
+                kept = _rows([t for _, t in saved_tensors(experts)], e, len(action.keep_experts))
+            novices = len(action.novices) * hidden
+            new = Size(
+                rest.params + routed.params + kept.params + novices,
+                rest.bytes + routed.bytes + kept.bytes + novices * itemsize,
+            )
+        params += new.params - old.params
+        nbytes += new.bytes - old.bytes
+    return Size(params, nbytes)
+
+
+def predict_bytes(model: nn.Module, plan: CompressionPlan) -> int:
+    """Bytes of tensor data in the safetensors shards `plan` would produce from `model`."""
+    return predict_size(model, plan).bytes

@@ -1,0 +1,327 @@
+"""CD-MoE (Cao et al. 2024, "Condense, Don't Just Prune"): condense whole MoE layers into small dense
+layers — the shared experts plus k routed experts with fixed weights, active for every token — and
+choose the experts and the layers greedily by the divergence of next-token distributions from the
+original model's on calibration tokens. Also the layer-drop baseline, searched the same way.
+
+Registered search methods (`methods.search_registry`):
+- `cd-moe-s`: k = 0, a condensed layer is its shared experts only;
+- `cd-moe-sr`: shared + k routed experts (k = `experts`, default 2);
+- `layer-drop`: the layer's whole MLP is removed (residual only).
+
+Fixed weights. A condensed layer computes shared(x) + Σ_e w_e·expert_e(x) for every token. By
+default (`weight_mode="all"`, the paper's) w_e is the mean over ALL calibration tokens of the
+post-top-k gate weight expert e receives from the original router — renormalisation and routed
+scaling included, 0 on tokens not routed to e — so a rarely chosen expert weighs little and Σ_e w_e
+matches the routed output's average total weight. `weight_mode="routed"` averages over the tokens
+routed to e only. Weights come from the original model on the calibration tokens
+(`LayerStats.mean_weight_all_tokens` / `mean_weight_routed_tokens`); experts never routed to
+(weight 0) are never candidates, since keeping them would add bytes and nothing else.
+
+Expert search (k > 0). For each MoE layer l, once: with l condensed and every other layer original,
+greedily add the routed expert whose inclusion minimises the metric, k times (ties to the lower id).
+The order found is reused by the layer search for every step, as the paper's code does (its expert
+search also runs per layer with only that layer pruned): expert choice in the context of the layers
+already condensed would multiply the cost by the number of layer steps for a second-order effect.
+`expert_pool=P` restricts the candidates to the P experts with the largest weights (an approximation
+for quick runs; the default considers every routed expert).
+
+Layer search. Greedily pick, one at a time, the MoE layer whose condensation (with its expert
+choice) minimises the metric of the model with all layers chosen so far condensed, until `layers`
+are chosen or the predicted checkpoint is at most `memory_budget` × the original's bytes. The value
+after each step — the metric of that cumulative model, the paper's Figure 2 curve — goes to
+`plan.metadata["curve"]`, with every candidate's value per step in `["candidates"]`. The values are
+usually but not necessarily non-decreasing: condensing one more layer can, by chance, offset an
+earlier layer's error; they are recorded as measured. Greedy steps are sequential, so the plan for
+n layers is the first n steps of a longer search (`prefix_plan`).
+
+Metric: "js" (default), "kl" (KL(original ‖ candidate)) or "ppl" (the candidate's perplexity on the
+calibration tokens) — the paper's Figure 5 compares the three.
+
+Cost: see `methods.greedy_search` for the cached search and its layer-forward formulas; the counts of
+the search that ran and of the naive search (whole model per candidate) are recorded in
+`plan.metadata["forward_passes"]`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from torch import nn
+
+from moepress.data.text import fingerprint_ids
+from moepress.errors import MoepressError
+from moepress.io.sizes import predict_size, size_of
+from moepress.methods.greedy_search import (
+    GreedySearch,
+    condense_action,
+    condense_weights,
+    expert_candidate_count,
+    fast_layer_forwards,
+    naive_layer_forwards,
+)
+from moepress.methods.scoring import METRICS, Metric
+from moepress.methods.search_registry import register_search_method
+from moepress.models import get_adapter
+from moepress.plan import CompressionPlan, Condense, Drop, LayerAction, model_fingerprint
+from moepress.progress import progress
+
+WeightMode = Literal["all", "routed"]
+
+
+def _check_args(
+    model: nn.Module, input_ids: torch.Tensor, layers: int | None, memory_budget: float | None,
+    experts: int, metric: str, weight_mode: str, expert_pool: int | None, batch_size: int,
+) -> None:
+    if (layers is None) == (memory_budget is None):
+        raise MoepressError("give exactly one of layers=N (layers to condense) or memory_budget=F (e.g. 0.7)")
+    n_moe = len(get_adapter(model).moe_layer_ids(model))
+    bad_layers = isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= n_moe
+    if layers is not None and bad_layers:
+        raise MoepressError(f"layers must be an integer from 1 to {n_moe} (the MoE layers); got {layers!r}")
+    if memory_budget is not None and not 0 < memory_budget < 1:
+        raise MoepressError(
+            f"memory_budget is the share of the original bytes to keep, in (0, 1); got {memory_budget!r}"
+        )
+    if isinstance(experts, bool) or not isinstance(experts, int) or experts < 0:
+        raise MoepressError(f"experts must be a non-negative integer (routed experts kept); got {experts!r}")
+    if metric not in METRICS:
+        raise MoepressError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    if weight_mode not in ("all", "routed"):
+        raise MoepressError(f"unknown weight mode {weight_mode!r}; use 'all' or 'routed'")
+    if expert_pool is not None and expert_pool < 1:
+        raise MoepressError(f"expert_pool must be at least 1 (or None for every expert); got {expert_pool}")
+    if batch_size < 1:
+        raise MoepressError(f"batch_size must be positive; got {batch_size}")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise MoepressError(
+            f"calibration ids must be [sequences, length >= 2]; got shape {tuple(input_ids.shape)}"
+        )
+
+
+def _expert_pool(weights: torch.Tensor, size: int | None) -> list[int]:
+    routed = [e for e in range(len(weights)) if weights[e] > 0]
+    if size is not None and size < len(routed):
+        routed = sorted(routed, key=lambda e: (-float(weights[e]), e))[:size]
+    return sorted(routed)
+
+
+def cd_moe(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    experts: int = 2,
+    layers: int | None = None,
+    memory_budget: float | None = None,
+    metric: Metric = "js",
+    weight_mode: WeightMode = "all",
+    drop: bool = False,
+    expert_pool: int | None = None,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    candidates_per_forward: int | None = None,
+    method: str | None = None,
+) -> CompressionPlan:
+    """Search which MoE layers to condense (or, with `drop`, drop) and return the plan.
+
+    `experts` routed experts are kept per condensed layer (0: shared experts only). The model is
+    moved to `device` for the search and back; it is never changed. See the module docstring.
+    """
+    _check_args(
+        model, input_ids, layers, memory_budget, experts, metric, weight_mode, expert_pool, batch_size
+    )
+    method = method or ("layer-drop" if drop else "cd-moe-s" if experts == 0 else "cd-moe-sr")
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        model.to(device)
+        search = GreedySearch(
+            model, input_ids, metric=metric, batch_size=batch_size, device=device,
+            candidates_per_forward=candidates_per_forward,
+        )
+        actions: dict[int, LayerAction] = {}
+        expert_meta: dict[str, dict] = {}
+        expert_candidates: dict[int, int] = {}
+        for i in progress(search.moe_ids, "searching experts"):
+            if drop:
+                actions[i] = Drop()
+                continue
+            weights = condense_weights(search.stats[i], weight_mode)
+            if experts == 0:
+                actions[i] = Condense(experts=[], weights=[], keep_shared=True)
+                continue
+            pool = _expert_pool(weights, expert_pool)
+            found = search.search_experts(i, experts, [float(w) for w in weights], pool)
+            expert_candidates[i] = expert_candidate_count(len(pool), experts)
+            actions[i] = condense_action(found.order, weights)
+            expert_meta[str(i)] = {"order": found.order, "curve": found.curve, "pool": len(pool)}
+        original = size_of(model).bytes
+        saving = {
+            i: original - predict_size(model, CompressionPlan(method=method, layers={i: a})).bytes
+            for i, a in actions.items()
+        }
+        if memory_budget is not None:
+            target = memory_budget * original
+            if original - sum(saving.values()) > target:
+                lowest = (original - sum(saving.values())) / original
+                raise MoepressError(
+                    f"memory_budget {memory_budget} is out of reach: with every MoE layer "
+                    f"{'dropped' if drop else 'condensed'} the model keeps {lowest:.3f} of its bytes; "
+                    "raise the budget" + ("" if drop or experts == 0 else " or keep fewer experts")
+                )
+
+            def done(chosen: dict) -> bool:
+                return original - sum(saving[i] for i in chosen) <= target
+        else:
+
+            def done(chosen: dict) -> bool:
+                return len(chosen) >= layers
+
+        steps = search.search_layers(actions, done)
+        counts = search.counts
+    finally:
+        model.to(home)
+        model.train(was_training)
+        search = None  # noqa: F841 - frees the cached states before returning
+    seconds = time.perf_counter() - start
+
+    order = [s.layer for s in steps]
+    bytes_after, saved = [], 0
+    for m in order:
+        saved += saving[m]
+        bytes_after.append(original - saved)
+    num_layers = len(get_adapter(model).layers(model))
+    step_candidates = [list(s.candidates) for s in steps]
+    naive = naive_layer_forwards(num_layers, expert_candidates, [len(c) for c in step_candidates])
+    if metric == "ppl":
+        naive -= num_layers  # no reference distributions to compute
+    expected = fast_layer_forwards(
+        num_layers, expert_candidates, list(zip(step_candidates, order, strict=True))
+    )
+    if counts.layer_forwards != expected:  # the formula documents the search; keep them in step
+        raise AssertionError(f"layer-forwards {counts.layer_forwards} != formula {expected}")
+    return CompressionPlan(
+        method=method,
+        hyperparameters={
+            "experts": 0 if drop else experts,
+            "layers": layers,
+            "memory_budget": memory_budget,
+            "metric": metric,
+            "weight_mode": weight_mode,
+            "expert_pool": expert_pool,
+            "batch_size": batch_size,
+            "calibration_sequences": int(input_ids.shape[0]),
+            "seq_len": int(input_ids.shape[1]),
+        },
+        model_fingerprint=model_fingerprint(model),
+        data_fingerprint=fingerprint_ids(input_ids),
+        layers={m: actions[m] for m in order},
+        metadata={
+            "metric": metric,
+            "order": order,
+            "curve": [s.value for s in steps],
+            "candidates": [{str(m): v for m, v in s.candidates.items()} for s in steps],
+            "bytes_original": original,
+            "bytes": bytes_after,
+            "memory_ratio": [b / original for b in bytes_after],
+            "experts": expert_meta,
+            "forward_passes": {
+                "unit": "one decoder layer over the whole calibration set",
+                "search_layer_forwards": counts.layer_forwards,
+                "naive_layer_forwards": naive,
+                "metric_evals": counts.metric_evals,
+            },
+            "search_seconds": seconds,
+            "calibration_tokens": int(input_ids.numel()),
+        },
+    )
+
+
+def prefix_plan(plan: CompressionPlan, n: int) -> CompressionPlan:
+    """The plan of the first `n` layer steps of a greedy search plan (what a search for n layers gives)."""
+    order = plan.metadata.get("order")
+    if order is None:
+        raise MoepressError(f"plan of method {plan.method!r} records no layer order (not a greedy search)")
+    if not 1 <= n <= len(order):
+        raise MoepressError(f"the plan has {len(order)} layer steps; ask for 1 to {len(order)}")
+    meta = dict(plan.metadata)
+    for key in ("order", "curve", "candidates", "bytes", "memory_ratio"):
+        meta[key] = meta[key][:n]
+    return CompressionPlan(
+        method=plan.method,
+        hyperparameters={**plan.hyperparameters, "layers": n, "memory_budget": None},
+        model_fingerprint=plan.model_fingerprint,
+        data_fingerprint=plan.data_fingerprint,
+        layers={m: plan.layers[m] for m in order[:n]},
+        metadata=meta,
+    )
+
+
+@register_search_method("cd-moe-sr")
+def cd_moe_sr(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    layers: int | None = None,
+    memory_budget: float | None = None,
+    experts: int = 2,
+    metric: Metric = "js",
+    weight_mode: WeightMode = "all",
+    expert_pool: int | None = None,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    candidates_per_forward: int | None = None,
+) -> CompressionPlan:
+    """CD-MoE-SR: condensed layers keep the shared experts and `experts` greedily chosen routed ones."""
+    if experts < 1:
+        raise MoepressError("cd-moe-sr keeps at least one routed expert; use cd-moe-s for shared experts")
+    return cd_moe(
+        model, input_ids, experts=experts, layers=layers, memory_budget=memory_budget, metric=metric,
+        weight_mode=weight_mode, expert_pool=expert_pool, batch_size=batch_size, device=device,
+        candidates_per_forward=candidates_per_forward, method="cd-moe-sr",
+    )
+
+
+@register_search_method("cd-moe-s")
+def cd_moe_s(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    layers: int | None = None,
+    memory_budget: float | None = None,
+    metric: Metric = "js",
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    candidates_per_forward: int | None = None,
+) -> CompressionPlan:
+    """CD-MoE-S: condensed layers keep only their shared experts (on a family without shared experts
+    this equals dropping the MLP)."""
+    return cd_moe(
+        model, input_ids, experts=0, layers=layers, memory_budget=memory_budget, metric=metric,
+        batch_size=batch_size, device=device, candidates_per_forward=candidates_per_forward,
+        method="cd-moe-s",
+    )
+
+
+@register_search_method("layer-drop")
+def layer_drop(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    layers: int | None = None,
+    memory_budget: float | None = None,
+    metric: Metric = "js",
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    candidates_per_forward: int | None = None,
+) -> CompressionPlan:
+    """Layer-drop baseline: remove whole MoE MLPs, chosen by the same greedy search as CD-MoE."""
+    return cd_moe(
+        model, input_ids, experts=0, drop=True, layers=layers, memory_budget=memory_budget, metric=metric,
+        batch_size=batch_size, device=device, candidates_per_forward=candidates_per_forward,
+        method="layer-drop",
+    )

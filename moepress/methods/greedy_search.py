@@ -1,0 +1,421 @@
+"""Greedy search over MoE layers to condense (or drop) and over the routed experts a condensed layer
+keeps, scored by a next-token metric against the original model — re-running only the decoder
+layers after the one a candidate changes.
+
+Why it is fast (L decoder layers, calibration set of N tokens, layer l is the candidate's):
+- One pass of the original model caches, for every MoE layer l and calibration batch, the MLP input
+  x_l and the residual stream after attention h_mid_l (so the layer's output is h_mid_l + mlp(x_l)).
+  It runs each MoE MLP through a recorder that returns zeros, so h_mid_l is exactly what the layer
+  adds the MLP output to; a one-batch check per MoE layer confirms the layer is that residual form.
+- A candidate that changes only layer l's MLP needs no attention of layer l and no layer before
+  it: its layer-l output is h_mid_l + y_candidate(x_l), then layers l+1 .. L-1 run, then the final
+  norm and LM head are streamed against the cached original distributions (`scoring.py`).
+- Expert steps: a condensed layer's output is shared(x) + Σ_e w_e·expert_e(x), so the candidates of
+  one step differ by one term; the kept experts' sum and the shared output are cached, and every
+  expert's output on the calibration set is precomputed once per layer when it fits in
+  `expert_cache_bytes` (each is reused by every step).
+- Candidates are stacked along the batch dimension, `candidates_per_forward` at a time, so one
+  decoder-layer call evaluates several; a candidate joins the stack right after the layer it changes.
+- After a layer is chosen, the cached (x, h_mid) of the MoE layers after it are refreshed in one pass
+  from that layer on, so the next step again starts each candidate at its own layer.
+
+Cost in layer-forwards (one decoder layer over the whole calibration set for one candidate); with
+P_l experts considered in layer l, budget k_l = min(k, P_l), c_l = Σ_{s<k_l} (P_l − s) expert
+candidates, R_j the candidate layers of layer step j and m_j the layer chosen:
+    fast  = L + Σ_l c_l·(L−1−l) + Σ_j Σ_{m∈R_j} (L−1−m) + Σ_{j<last} (L−1−m_j)
+    naive = L + Σ_l c_l·L       + Σ_j |R_j|·L
+(the naive search runs the whole model per candidate, plus once for the reference). Both evaluate
+the LM head and the metric the same number of times: 1 + Σ_l c_l + Σ_j |R_j|.
+Not counted: the one-batch structure check per MoE layer and the MLP-only work at a candidate's own
+layer (its condensed MLP, k_l + shared experts, or one expert term in an expert step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from moepress.calibrate.runner import _to, capture_inputs
+from moepress.errors import MoepressError
+from moepress.methods.scoring import Metric, NextTokenScorer
+from moepress.methods.simulate import actions_applied, forward_replaced
+from moepress.models import get_adapter
+from moepress.models.base import MoEBlock
+from moepress.plan import Condense, LayerAction
+from moepress.progress import progress
+
+if TYPE_CHECKING:
+    from moepress.calibrate.stats import LayerStats
+
+
+@dataclass
+class Candidate:
+    """A candidate model that differs from the search's current one from decoder layer `start` on."""
+
+    start: int
+    hidden: Callable[[int], torch.Tensor]  # output of layer `start` on calibration batch i [b, T, H]
+
+
+@dataclass
+class ForwardCounts:
+    """Work done: decoder layers over the whole calibration set (per candidate), metric evaluations."""
+
+    layer_forwards: int = 0
+    metric_evals: int = 0
+
+
+@dataclass
+class RoutingMass:
+    """Per routed expert: Σ of the post-top-k gate weight it received, and on how many tokens.
+
+    The same sums as `LayerStats.weight_sum` / `count` / `tokens`, without the expert outputs the
+    full statistics also compute (the search needs only the weights).
+    """
+
+    weight_sum: torch.Tensor  # [E] float64
+    count: torch.Tensor  # [E] float64
+    tokens: int = 0
+
+    @classmethod
+    def zeros(cls, num_experts: int) -> RoutingMass:
+        zeros = torch.zeros(num_experts, dtype=torch.float64)
+        return cls(zeros, zeros.clone())
+
+    def update(self, block: MoEBlock, x: torch.Tensor) -> None:
+        route = block.route(x.reshape(-1, block.hidden_size))
+        index = route.index.reshape(-1).cpu()
+        self.weight_sum.index_add_(0, index, route.weights.reshape(-1).double().cpu())
+        self.count.index_add_(0, index, torch.ones(index.shape, dtype=torch.float64))
+        self.tokens += route.index.shape[0]
+
+    @property
+    def mean_weight_all_tokens(self) -> torch.Tensor:
+        return self.weight_sum / max(self.tokens, 1)
+
+    @property
+    def mean_weight_routed_tokens(self) -> torch.Tensor:
+        return self.weight_sum / self.count.clamp(min=1)
+
+
+@dataclass
+class ExpertSearch:
+    """Greedy expert order of one layer and the metric after adding each (all other layers original)."""
+
+    layer: int
+    order: list[int]
+    curve: list[float]
+    pool: list[int]
+
+
+@dataclass
+class LayerStep:
+    """One layer step: the layer chosen, the metric of the cumulative model, every candidate's value."""
+
+    layer: int
+    value: float
+    candidates: dict[int, float] = field(default_factory=dict)
+
+
+def naive_layer_forwards(
+    num_layers: int, expert_candidates: Mapping[int, int], layer_candidates: list[int]
+) -> int:
+    """Layer-forwards of the naive search: the whole model per candidate, plus the reference;
+    `layer_candidates[j]` is the number of candidate layers of layer step j."""
+    return num_layers * (1 + sum(expert_candidates.values()) + sum(layer_candidates))
+
+
+def fast_layer_forwards(
+    num_layers: int,
+    expert_candidates: Mapping[int, int],
+    layer_steps: list[tuple[list[int], int]],
+) -> int:
+    """Layer-forwards of the cached search; `layer_steps` is [(candidate layers, chosen layer)]."""
+    after = lambda l: num_layers - 1 - l  # noqa: E731 - the formula reads best inline
+    total = num_layers + sum(c * after(l) for l, c in expert_candidates.items())
+    for j, (cands, chosen) in enumerate(layer_steps):
+        total += sum(after(m) for m in cands)
+        if j < len(layer_steps) - 1:
+            total += after(chosen)
+    return total
+
+
+def expert_candidate_count(pool: int, k: int) -> int:
+    """c = Σ_{s<min(k,P)} (P − s): candidates of a greedy pick of k among P."""
+    return sum(pool - s for s in range(min(k, pool)))
+
+
+def _repeat_batch(obj, n: int, b: int):
+    """Layer kwargs for n candidates stacked along the batch: repeat tensors whose dim 0 is the batch."""
+    if n == 1:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() >= 2 and obj.shape[0] == b:
+            return obj.repeat(n, *([1] * (obj.dim() - 1)))
+        return obj
+    if isinstance(obj, tuple):
+        return tuple(_repeat_batch(o, n, b) for o in obj)
+    if isinstance(obj, list):
+        return [_repeat_batch(o, n, b) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _repeat_batch(v, n, b) for k, v in obj.items()}
+    return obj
+
+
+class GreedySearch:
+    """Cached layer states of one model on one calibration set, and the greedy searches over them.
+
+    The model must fit on `device` for the search (it is moved there and back by the caller);
+    caches live on `storage` (default: `device`).
+    """
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        *,
+        metric: Metric = "js",
+        batch_size: int = 8,
+        device: torch.device | str | None = None,
+        storage: torch.device | str | None = None,
+        candidates_per_forward: int | None = None,
+        reference_cache_bytes: int = 2 * 2**30,
+        expert_cache_bytes: int = 2**30,
+    ):
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.layers = self.adapter.layers(model)
+        self.blocks = self.adapter.blocks(model)
+        self.moe_ids = sorted(self.blocks)
+        self.num_layers = len(self.layers)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.storage = torch.device(storage) if storage is not None else self.device
+        tokens_per_batch = batch_size * input_ids.shape[1]
+        if candidates_per_forward is None:
+            # CPU matmuls gain nothing from larger batches; accelerators do, up to ~16k tokens a call
+            candidates_per_forward = 1 if self.device.type == "cpu" else max(1, 16384 // tokens_per_batch)
+        self.candidates_per_forward = max(1, candidates_per_forward)
+        self.expert_cache_bytes = expert_cache_bytes
+        self.counts = ForwardCounts()
+        self.input_ids = list(input_ids.split(batch_size))
+        inputs = capture_inputs(model, input_ids, batch_size, self.adapter, self.device, storage=self.storage)
+        self.kwargs = [_to(kw, self.device) for kw in inputs.kwargs]
+        self.stats: dict[int, RoutingMass] = {}
+        self.x: dict[int, list[torch.Tensor]] = {}
+        self.mid: dict[int, list[torch.Tensor]] = {}
+        final = self._original_pass(inputs.hidden)
+        self.scorer = NextTokenScorer(
+            self.adapter.final_norm(model),
+            model.get_output_embeddings(),
+            metric,
+            [ids.to(self.device) for ids in self.input_ids],
+            final if metric != "ppl" else None,
+            reference_cache_bytes=reference_cache_bytes,
+        )
+        self.counts.metric_evals += 0 if metric == "ppl" else 1  # the reference distributions
+
+    # ---- running layers ------------------------------------------------------------------------
+    def _layer(self, j: int, h: torch.Tensor, kw: dict, n: int = 1) -> torch.Tensor:
+        b = h.shape[0] // n
+        out = self.layers[j](h, **_repeat_batch(kw, n, b), use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _capture(self, j: int, h: torch.Tensor, kw: dict, action: LayerAction | None, i: int) -> torch.Tensor:
+        """Run MoE layer j on batch i's input h, storing its MLP input and residual; returns its output."""
+        block = self.blocks[j]
+        original = block.module.forward
+        record: dict[str, torch.Tensor] = {}
+
+        def recorder(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            y = original(x, *args, **kwargs) if action is None else block.forward(x, action)
+            record["x"], record["y"] = x, y
+            return torch.zeros_like(y)
+
+        with forward_replaced(block.module, recorder):
+            mid = self._layer(j, h, kw)
+        self.x.setdefault(j, [None] * len(self.kwargs))[i] = record["x"].to(self.storage)
+        self.mid.setdefault(j, [None] * len(self.kwargs))[i] = mid.to(self.storage)
+        return mid + record["y"].reshape(mid.shape)
+
+    @torch.no_grad()
+    def _original_pass(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One pass of the original model: caches (x, h_mid) of every MoE layer, routing statistics."""
+        moe = set(self.moe_ids)
+        hidden = list(hidden)
+        for j in progress(range(self.num_layers), "caching layer states"):
+            if j in moe:
+                self.stats[j] = RoutingMass.zeros(self.blocks[j].num_experts)
+            for i, kw in enumerate(self.kwargs):
+                h = hidden[i].to(self.device)
+                if j in moe:
+                    out = self._capture(j, h, kw, None, i)
+                    self.stats[j].update(self.blocks[j], self.x[j][i].to(self.device))
+                    if i == 0:
+                        self._check_residual_form(j, h, kw, out)
+                else:
+                    out = self._layer(j, h, kw)
+                hidden[i] = out.to(self.storage)
+            self.counts.layer_forwards += 1
+        return hidden
+
+    def _check_residual_form(self, j: int, h: torch.Tensor, kw: dict, rebuilt: torch.Tensor) -> None:
+        direct = self._layer(j, h, kw)
+        tol = 1e-4 if direct.dtype == torch.float32 else 2e-2
+        err = (direct.float() - rebuilt.float()).abs().max().item()
+        if err > tol * max(direct.float().abs().max().item(), 1.0):
+            raise RuntimeError(
+                f"decoder layer {j} is not of the form h_mid + mlp(x) (max difference {err:.3g}); "
+                "the cached search cannot split it — the adapter must say how this family's layer is built"
+            )
+
+    # ---- scoring candidates --------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, candidates: list[Candidate], context: Mapping[int, LayerAction]) -> list[float]:
+        """The metric of each candidate; layers after a candidate's own run under `context`."""
+        order = sorted(range(len(candidates)), key=lambda c: candidates[c].start)
+        values = [0.0] * len(candidates)
+        with actions_applied(self.blocks, context):
+            for g in range(0, len(order), self.candidates_per_forward):
+                group = order[g : g + self.candidates_per_forward]
+                sums = dict.fromkeys(group, 0.0)
+                for i, kw in enumerate(self.kwargs):
+                    b = self.input_ids[i].shape[0]
+                    stack: torch.Tensor | None = None
+                    members: list[int] = []
+                    for j in range(candidates[group[0]].start, self.num_layers):
+                        joining = [c for c in group if candidates[c].start == j]
+                        if joining:
+                            new = [candidates[c].hidden(i).to(self.device) for c in joining]
+                            stack = torch.cat(new if stack is None else [stack, *new])
+                            members += joining
+                        if j + 1 < self.num_layers:
+                            stack = self._layer(j + 1, stack, kw, len(members))
+                    for pos, c in enumerate(members):
+                        sums[c] += self.scorer.batch_sum(i, stack[pos * b : (pos + 1) * b])
+                for c in group:
+                    values[c] = self.scorer.value(sums[c])
+        self.counts.layer_forwards += sum(self.num_layers - 1 - c.start for c in candidates)
+        self.counts.metric_evals += len(candidates)
+        return values
+
+    # ---- expert search -------------------------------------------------------------------------
+    def _expert_outputs(self, layer: int, pool: list[int]) -> Callable[[int, int], torch.Tensor]:
+        """expert e's unweighted output on batch i [b·T, H]: precomputed when it fits the budget."""
+        block = self.blocks[layer]
+        xs = self.x[layer]
+        n_tokens = sum(x.shape[0] * x.shape[1] for x in xs)
+        itemsize = xs[0].element_size()
+        if len(pool) * n_tokens * block.hidden_size * itemsize > self.expert_cache_bytes:
+            return lambda e, i: block.expert(xs[i].to(self.device).reshape(-1, block.hidden_size), e)
+        cache = {
+            e: [block.expert(x.to(self.device).reshape(-1, block.hidden_size), e) for x in xs] for e in pool
+        }
+        return lambda e, i: cache[e][i]
+
+    @torch.no_grad()
+    def search_experts(self, layer: int, k: int, weights: list[float], pool: list[int]) -> ExpertSearch:
+        """Greedily add, k times, the expert of `pool` whose addition minimises the metric.
+
+        Context: layer `layer` condensed (shared experts + the experts chosen so far, fixed
+        `weights[e]`), every other layer original. Ties go to the lower expert id.
+        """
+        block = self.blocks[layer]
+        hsize = block.hidden_size
+        xs, mids = self.x[layer], self.mid[layer]
+        expert_out = self._expert_outputs(layer, pool)
+        shared = [block.shared_out(x.to(self.device).reshape(-1, hsize)) for x in xs]
+        routed = [torch.zeros(x.shape[0] * x.shape[1], hsize, dtype=x.dtype, device=self.device) for x in xs]
+        order: list[int] = []
+        curve: list[float] = []
+
+        # Same operations, in the same order, as MoEBlock.forward under the Condense action, so a
+        # candidate's hidden states equal those of the applied-by-hooks model bit for bit.
+        def hidden(e: int) -> Callable[[int], torch.Tensor]:
+            def at(i: int) -> torch.Tensor:
+                out = routed[i] + weights[e] * expert_out(e, i)
+                if shared[i] is not None:
+                    out = out + shared[i]
+                return mids[i].to(self.device) + out.reshape(mids[i].shape)
+
+            return at
+
+        for _ in range(min(k, len(pool))):
+            remaining = [e for e in pool if e not in order]
+            values = self.score([Candidate(layer, hidden(e)) for e in remaining], {})
+            best = min(range(len(values)), key=lambda c: (values[c], c))
+            e = remaining[best]
+            order.append(e)
+            curve.append(values[best])
+            routed = [r + weights[e] * expert_out(e, i) for i, r in enumerate(routed)]
+        return ExpertSearch(layer=layer, order=order, curve=curve, pool=list(pool))
+
+    # ---- layer search --------------------------------------------------------------------------
+    def _layer_candidate(self, m: int, action: LayerAction) -> Candidate:
+        block = self.blocks[m]
+
+        def at(i: int) -> torch.Tensor:
+            mid = self.mid[m][i].to(self.device)
+            return mid + block.forward(self.x[m][i].to(self.device), action).reshape(mid.shape)
+
+        return Candidate(m, at)
+
+    @torch.no_grad()
+    def _advance(self, m: int, context: Mapping[int, LayerAction]) -> None:
+        """Refresh the cached (x, h_mid) of the MoE layers after m for the model under `context`."""
+        moe = set(self.moe_ids)
+        for i, kw in enumerate(self.kwargs):
+            h = self._layer_candidate(m, context[m]).hidden(i)
+            for j in range(m + 1, self.num_layers):
+                h = self._capture(j, h, kw, context.get(j), i) if j in moe else self._layer(j, h, kw)
+        self.counts.layer_forwards += self.num_layers - 1 - m
+
+    @torch.no_grad()
+    def search_layers(
+        self,
+        actions: Mapping[int, LayerAction],
+        done: Callable[[dict[int, LayerAction]], bool],
+    ) -> list[LayerStep]:
+        """Greedily add, one at a time, the layer whose action (from `actions`) minimises the metric
+        of the cumulative model, until `done(chosen)` or every candidate layer is taken.
+
+        Each step's value is the metric of the model with all layers chosen so far applied. The
+        cached layer states are left describing that model. Ties go to the lower layer index.
+        """
+        chosen: dict[int, LayerAction] = {}
+        steps: list[LayerStep] = []
+        while not done(chosen) and len(chosen) < len(actions):
+            if steps:
+                self._advance(steps[-1].layer, chosen)
+            remaining = [m for m in sorted(actions) if m not in chosen]
+            values = self.score([self._layer_candidate(m, actions[m]) for m in remaining], chosen)
+            best = min(range(len(values)), key=lambda c: (values[c], c))
+            m = remaining[best]
+            chosen[m] = actions[m]
+            scores = dict(zip(remaining, values, strict=True))
+            steps.append(LayerStep(layer=m, value=values[best], candidates=scores))
+        return steps
+
+
+def condense_weights(stats: RoutingMass | LayerStats, mode: str) -> torch.Tensor:
+    """Fixed weight of each routed expert of a condensed layer, from the original model's routing.
+
+    "all" (the paper's): mean over ALL calibration tokens of the post-top-k gate weight the expert
+    receives, 0 on tokens not routed to it — so Σ_e w_e·expert_e(x) is the routed output's mean
+    weighting, and a rarely chosen expert contributes little. "routed": mean over the tokens routed
+    to it only (the weight it gets when it is chosen; larger, ignores how often).
+    """
+    if mode == "all":
+        return stats.mean_weight_all_tokens
+    if mode == "routed":
+        return stats.mean_weight_routed_tokens
+    raise MoepressError(f"unknown weight mode {mode!r}; use 'all' or 'routed'")
+
+
+def condense_action(experts: list[int], weights: torch.Tensor) -> Condense:
+    """Condense with `experts` (in greedy order) at their fixed weights, keeping the shared experts."""
+    weights = weights.detach()
+    return Condense(experts=list(experts), weights=[float(weights[e]) for e in experts], keep_shared=True)

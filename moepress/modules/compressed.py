@@ -1,0 +1,204 @@
+"""The modules a compressed checkpoint needs, and the code that rebuilds a model's changed layers.
+
+A compressed layer is one of: a pruned MoE block (fewer router rows and experts, maybe novice
+slots), a condensed block (one dense gated MLP) or a dropped block (residual only). Which layer is
+which is `config.moepress_structure`; `apply_structure` turns a freshly built model of the source
+architecture into the compressed shapes, before the weights load.
+
+This file is copied next to the weights of every checkpoint that the source architecture cannot
+express (as `moepress_modules.py`, imported by `modeling_moepress.py`), so it imports only torch
+and transformers and knows no model family: the family-specific names it needs (where the layers,
+the router and the experts live; which config field counts the routed experts) are data in the
+structure, written by moepress' adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+STRUCTURE_VERSION = 1
+
+
+class NoviceExperts(nn.Module):
+    """Routed experts of a pruned layer whose router also keeps novice slots (MoNE).
+
+    The pruned router has one row per slot: kept experts and novices interleaved in ascending
+    original id order, and this module's forward takes indices in that numbering. `kept` is an
+    instance of the family's own experts class holding only the kept experts, so transformers'
+    experts implementations (eager, batched, grouped GEMM) still run them. A token routed to a
+    novice slot gets `weight * novices[n]`: a constant vector standing in for the removed expert.
+
+    Novice slots reach `kept` as the expert-parallel sentinel id `kept.num_experts` with weight 0,
+    which every transformers experts implementation skips (that is what `_is_expert_parallel`
+    switches on; eager skips it always), so a novice costs no expert GEMM. The slot maps are plain
+    Python lists turned into index tensors per device on first use, not buffers: transformers
+    leaves non-persistent buffers of unknown modules uninitialised when it loads on the meta device.
+    """
+
+    def __init__(self, kept: nn.Module, novice_slots: list[int], hidden_size: int):
+        super().__init__()
+        self.kept = kept
+        kept._is_expert_parallel = True
+        n_slots = kept.num_experts + len(novice_slots)
+        novice = set(novice_slots)
+        self.slot_is_novice = [s in novice for s in range(n_slots)]
+        # slot -> index among kept experts, or among novices for a novice slot
+        counts = [0, 0]
+        self.slot_local = []
+        for is_novice in self.slot_is_novice:
+            self.slot_local.append(counts[is_novice])
+            counts[is_novice] += 1
+        self.novices = nn.Parameter(torch.empty(len(novice_slots), hidden_size))
+        self._maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _slot_maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._maps:
+            self._maps[device] = (
+                torch.tensor(self.slot_is_novice, dtype=torch.bool, device=device),
+                torch.tensor(self.slot_local, dtype=torch.long, device=device),
+            )
+        return self._maps[device]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        is_novice, local = self._slot_maps(top_k_index.device)
+        novice = is_novice[top_k_index]  # [N, k]
+        index = local[top_k_index]
+        if self.kept.num_experts:
+            sentinel = self.kept.num_experts
+            out = self.kept(
+                hidden_states, index.masked_fill(novice, sentinel), top_k_weights.masked_fill(novice, 0)
+            )
+        else:  # every slot is a novice; grouped GEMM cannot take zero experts
+            out = torch.zeros_like(hidden_states)
+        # per token, the summed router weight on each novice; then one small GEMM
+        novice_weight = torch.zeros(
+            top_k_index.shape[0], self.novices.shape[0], dtype=torch.float32, device=out.device
+        ).scatter_add_(1, index.masked_fill(~novice, 0), top_k_weights.float().masked_fill(~novice, 0))
+        return out + (novice_weight @ self.novices.float()).to(out.dtype)
+
+
+class ConstantExpert(nn.Module):
+    """A novice in ModuleList expert storage: its output is its vector for every token, so the
+    block's own `weight * expert(x)` becomes `weight * vector`."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.vector = nn.Parameter(torch.empty(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vector.to(x.dtype).expand(*x.shape[:-1], -1)
+
+
+class CondensedMLP(nn.Module):
+    """A whole MoE block condensed into ONE dense gated MLP (CD-MoE): no router, one GEMM chain.
+
+    Intermediate rows are the shared experts' rows (first `shared_rows`) followed by the chosen
+    routed experts' rows; the down-projection columns of the routed rows are pre-scaled by their
+    fixed weights, so `down(act(gate x) * up x)` equals `shared(x) + sum_i w_i expert_i(x)`.
+
+    A sigmoid-gated shared expert (Qwen2-MoE) keeps its gate as it is rather than folded into the
+    weights: the gate depends on x, so no fixed scaling reproduces it. We compute
+    h = act(gate_proj x) * up_proj x over all rows, multiply the shared slice of h by
+    sigmoid(shared_gate(x)), then apply the one down_proj; the cost is one [H -> 1] projection.
+    """
+
+    def __init__(
+        self, hidden_size: int, shared_rows: int, routed_rows: int, hidden_act: str, shared_gate: bool
+    ):
+        super().__init__()
+        rows = shared_rows + routed_rows
+        self.shared_rows = shared_rows
+        self.gate_proj = nn.Linear(hidden_size, rows, bias=False)
+        self.up_proj = nn.Linear(hidden_size, rows, bias=False)
+        self.down_proj = nn.Linear(rows, hidden_size, bias=False)
+        self.shared_gate = nn.Linear(hidden_size, 1, bias=False) if shared_gate else None
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        if self.shared_gate is not None:
+            gate = torch.sigmoid(self.shared_gate(x))
+            h = torch.cat([h[..., : self.shared_rows] * gate, h[..., self.shared_rows :]], dim=-1)
+        return self.down_proj(h)
+
+
+class DroppedMLP(nn.Module):
+    """A dropped MoE block: contributes nothing, so the decoder layer keeps only its residual."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def with_num_experts(config, key: str, n: int):
+    """A copy of `config` whose routed-expert count (`key`) is `n`, to build a family's own
+    router or experts class at the pruned size."""
+    cfg = copy.deepcopy(config)
+    setattr(cfg, key, n)
+    return cfg
+
+
+def build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[str, nn.Module]:
+    """Empty replacement modules for one changed layer, by path under the layer (weights load later).
+
+    Built in the ambient device/dtype (meta while transformers loads a checkpoint). A pruned layer
+    with ModuleList experts reuses the layer's first expert modules (same shapes; they get the kept
+    experts' weights) and puts a `ConstantExpert` at each novice slot.
+    """
+    mlp_path = structure["mlp"]
+    action = spec["action"]
+    if action == "drop":
+        return {mlp_path: DroppedMLP()}
+    if action == "condense":
+        module = CondensedMLP(
+            config.hidden_size,
+            spec["shared_rows"],
+            spec["routed_rows"],
+            spec["hidden_act"],
+            spec["shared_gate"],
+        )
+        return {mlp_path: module}
+    if action != "prune":
+        raise ValueError(f"moepress_structure: unknown action {action!r}")
+    mlp = layer.get_submodule(mlp_path)
+    active, novices = spec["experts"], set(spec["novices"])
+    novice_slots = [s for s, e in enumerate(active) if e in novices]
+    n_kept = len(active) - len(novice_slots)
+    key = structure["num_experts_key"]
+    router = type(mlp.get_submodule(structure["router"]))(with_num_experts(config, key, len(active)))
+    old = mlp.get_submodule(structure["experts"])
+    if isinstance(old, nn.ModuleList):
+        reused = iter(list(old)[:n_kept])
+        experts: nn.Module = nn.ModuleList(
+            [
+                ConstantExpert(config.hidden_size) if s in novice_slots else next(reused)
+                for s in range(len(active))
+            ]
+        )
+    else:
+        experts = type(old)(with_num_experts(config, key, n_kept))
+        if hasattr(old, "config"):
+            # share the model's config so model.set_experts_implementation(...) still reaches it
+            experts.config = old.config
+        if novice_slots:
+            experts = NoviceExperts(experts, novice_slots, config.hidden_size)
+    return {f"{mlp_path}.{structure['router']}": router, f"{mlp_path}.{structure['experts']}": experts}
+
+
+def apply_structure(model: nn.Module, structure: dict) -> None:
+    """Rebuild every layer that `structure` lists into its compressed shape, in place."""
+    if structure.get("version") != STRUCTURE_VERSION:
+        raise ValueError(
+            f"moepress_structure version {structure.get('version')} is not {STRUCTURE_VERSION}; "
+            "load this checkpoint with the moepress version that wrote it"
+        )
+    layers = model.get_submodule(structure["layers_path"])
+    for idx, spec in structure["layers"].items():
+        layer = layers[int(idx)]
+        for path, module in build_layer(model.config, structure, layer, spec).items():
+            layer.set_submodule(path, module)

@@ -1,0 +1,257 @@
+"""Apply a CompressionPlan to a loaded model, in place: surgery changes, it decides nothing.
+
+Per MoE layer:
+- `prune`: the router keeps the rows of kept experts and novices (ascending original id; DeepSeek-V3's
+  `e_score_correction_bias` likewise) and becomes the family's own router class built at that size,
+  so routing after pruning is exactly `MoEBlock.route(x, active=kept ∪ novices)`. The experts become
+  the family's experts class built with the kept experts only (a `NoviceExperts` around it when the
+  layer has novices), or, for ModuleList storage, the kept modules with a `ConstantExpert` per novice.
+- `condense`: the whole block becomes one `CondensedMLP`.
+- `drop`: the whole block becomes a `DroppedMLP` (residual only).
+
+What a pruned router computes, per family (the scores are over the remaining rows only, so a
+softmax renormalises over the kept experts and novices):
+- DeepSeek-V2: softmax over remaining experts, top-k (group-limited over groups of the remaining
+  experts when `topk_method="group_limited_greedy"`), no renormalisation, times `routed_scaling_factor`.
+- DeepSeek-V3: sigmoid scores (independent of pruning) plus the sliced correction bias for the
+  choice, group-limited top-k over `n_group` groups of the remaining experts, chosen scores
+  renormalised to sum 1 (`norm_topk_prob`), times `routed_scaling_factor`.
+- Qwen2-MoE / Qwen1.5-MoE: softmax over remaining experts, top-k, no renormalisation.
+- Qwen3-MoE and OLMoE: softmax over remaining experts, top-k, renormalised when `norm_topk_prob`.
+- Mixtral: softmax over remaining experts, top-2, always renormalised.
+- DeepSeekMoE-16B (remote code): softmax over remaining experts, top-k, renormalised only when
+  `norm_topk_prob` (False for the released model).
+Group-limited routing needs the remaining count to split into `n_group` equal groups; that is checked
+before any tensor moves.
+
+The config records the result: when the original architecture expresses it (every MoE layer pruned
+to the same number of experts, no novices, nothing condensed or dropped) the family's expert-count
+field is updated and nothing else; otherwise `config.moepress_structure` describes every changed
+layer (see `moepress.modules.compressed`), which is what a written checkpoint is rebuilt from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moepress.errors import MoepressError
+from moepress.io.sizes import size_by_component
+from moepress.models import Adapter, MoEBlock, get_adapter
+from moepress.modules.compressed import STRUCTURE_VERSION, build_layer
+from moepress.plan import CompressionPlan, Condense, Drop, Keep, LayerAction, Prune, model_fingerprint
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """The model before surgery, kept on the compressed model (`model.moepress_source`) for the
+    checkpoint manifest, and the adapter that names its components."""
+
+    fingerprint: str
+    path: str | None
+    params: dict[str, int]
+    bytes: dict[str, int]
+    adapter: Adapter
+
+
+def apply_plan(model: nn.Module, plan: CompressionPlan) -> nn.Module:
+    """Compress `model` in place as `plan` says and return it. Raises MoepressError before any tensor
+    moves when the plan does not fit the model."""
+    if getattr(model.config, "moepress_structure", None) is not None:
+        raise MoepressError(
+            "this model was already compressed (it carries a moepress structure); apply plans to the original"
+        )
+    adapter = get_adapter(model)
+    plan.validate_for(model, adapter)
+    layers = adapter.layers(model)
+    blocks = {i: adapter.block(i, layers[i]) for i, a in plan.layers.items() if not isinstance(a, Keep)}
+    for i, block in blocks.items():
+        _check_fits(block, plan.action(i))
+
+    params, nbytes = size_by_component(model, adapter)
+    record = SourceRecord(
+        fingerprint=model_fingerprint(model),
+        path=getattr(model.config, "_name_or_path", None) or None,
+        params=params,
+        bytes=nbytes,
+        adapter=adapter,
+    )
+    structure = describe(model, plan, adapter, blocks)
+    uniform = uniform_expert_count(model, plan, adapter)
+    with torch.no_grad():
+        for idx, spec in structure["layers"].items():
+            i = int(idx)
+            state = _layer_state(blocks[i], plan.action(i), plan.novices(i), structure)
+            with torch.device("meta"):
+                new = build_layer(model.config, structure, layers[i], spec)
+            for path, module in new.items():
+                module.load_state_dict(
+                    {k[len(path) + 1 :]: v for k, v in state.items() if k.startswith(path + ".")},
+                    strict=True,
+                    assign=True,
+                )
+                left = [n for n, t in module.state_dict(keep_vars=True).items() if t.is_meta]
+                if left:
+                    raise RuntimeError(f"layer {i}: {path} has tensors without weights: {left}")
+                layers[i].set_submodule(path, module)
+
+    if uniform is not None:
+        setattr(model.config, adapter.num_experts_key, uniform)
+    elif structure["layers"]:
+        model.config.moepress_structure = structure
+    model.moepress_source = record
+    return model
+
+
+def uniform_expert_count(
+    model: nn.Module, plan: CompressionPlan, adapter: Adapter | None = None
+) -> int | None:
+    """The routed-expert count of every MoE layer when the plan's result is expressible in the
+    original architecture (same count everywhere, no novices, no condense/drop), else None."""
+    adapter = adapter or get_adapter(model)
+    layers = adapter.layers(model)
+    counts = set()
+    for i in adapter.moe_layer_ids(model):
+        action = plan.action(i)
+        if isinstance(action, Condense | Drop) or (isinstance(action, Prune) and action.novices):
+            return None
+        if isinstance(action, Prune):
+            counts.add(len(action.keep_experts))
+        else:
+            counts.add(adapter.block(i, layers[i]).num_experts)
+    return counts.pop() if len(counts) == 1 else None
+
+
+def describe(
+    model: nn.Module, plan: CompressionPlan, adapter: Adapter, blocks: dict[int, MoEBlock]
+) -> dict[str, Any]:
+    """The `moepress_structure` of the compressed model: names where the pieces live (found on the
+    model, so no family is hard-coded here), the base class, and one entry per changed layer."""
+    layers = adapter.layers(model)
+    structure: dict[str, Any] = {
+        "version": STRUCTURE_VERSION,
+        "base": base_class(model),
+        "num_experts_key": adapter.num_experts_key,
+        "layers_path": _path_of(model, layers),
+        "layers": {},
+    }
+    for i, block in sorted(blocks.items()):
+        action = plan.action(i)
+        structure.setdefault("mlp", _path_of(layers[i], block.module))
+        structure.setdefault("router", _path_of(block.module, block.router))
+        structure.setdefault("experts", _path_of(block.module, block.experts.module))
+        if isinstance(action, Prune):
+            spec = {
+                "action": "prune",
+                "experts": sorted(action.keep_experts + action.novices),
+                "novices": list(action.novices),
+            }
+        elif isinstance(action, Condense):
+            keep_shared = action.keep_shared and block.shared is not None
+            spec = {
+                "action": "condense",
+                "shared_rows": block.shared_intermediate if keep_shared else 0,
+                "routed_rows": len(action.experts) * block.expert_intermediate,
+                "shared_gate": keep_shared and block.shared_gate is not None,
+                "hidden_act": model.config.hidden_act,
+            }
+        else:
+            spec = {"action": "drop"}
+        structure["layers"][str(i)] = spec
+    return structure
+
+
+def base_class(model: nn.Module) -> dict[str, str]:
+    """Where the model's class comes from: `transformers` itself, or (remote code) a module file
+    that travels with the checkpoint, named relative (`.modeling_deepseek`)."""
+    import transformers
+
+    cls = type(model)
+    if cls.__module__.startswith("transformers."):
+        module = "transformers" if getattr(transformers, cls.__name__, None) is cls else cls.__module__
+        return {"module": module, "class": cls.__name__}
+    return {"module": "." + cls.__module__.rsplit(".", 1)[-1], "class": cls.__name__}
+
+
+def _path_of(root: nn.Module, target: nn.Module) -> str:
+    return next(name for name, m in root.named_modules() if m is target)
+
+
+def _check_fits(block: MoEBlock, action: LayerAction) -> None:
+    """What `plan.validate_for` cannot know: the family's routing constraints and module shapes."""
+    i, r = block.layer_idx, block.routing
+    if isinstance(action, Prune) and r.n_group and r.n_group > 1:
+        n = len(action.keep_experts) + len(action.novices)
+        if n % r.n_group or n // r.n_group * r.topk_group < r.top_k:
+            raise MoepressError(
+                f"plan: layer {i} keeps {n} experts, but group-limited routing needs a multiple of "
+                f"n_group={r.n_group} with at least {r.top_k} experts in the best {r.topk_group} group(s)"
+            )
+    if isinstance(action, Condense) and block.shared is not None and action.keep_shared:
+        if any(getattr(block.shared, p).bias is not None for p in ("gate_proj", "up_proj", "down_proj")):
+            raise MoepressError(
+                f"plan: layer {i}'s shared experts have biases; condensing them is not supported"
+            )
+
+
+def _layer_state(
+    block: MoEBlock, action: LayerAction, novices: dict[int, torch.Tensor], structure: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The compressed layer's new tensors, keyed by path under the decoder layer."""
+    mlp = structure["mlp"]
+    gate, _, _ = block.experts.weights(0)
+    dtype, device = gate.dtype, gate.device
+    if isinstance(action, Drop):
+        return {}
+    if isinstance(action, Condense):
+        rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        keep_shared = action.keep_shared and block.shared is not None
+        if keep_shared:
+            s = block.shared
+            rows.append((s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight))
+        for e, w in zip(action.experts, action.weights, strict=True):
+            g, u, d = block.experts.weights(e)
+            rows.append((g, u, (d.float() * w).to(d.dtype)))
+        if not rows:  # neither shared nor routed rows: a zero-width MLP, whose output is 0
+            hidden = block.hidden_size
+            rows.append((gate.new_empty(0, hidden), gate.new_empty(0, hidden), gate.new_empty(hidden, 0)))
+        gates, ups, downs = zip(*rows, strict=True)
+        state = {
+            f"{mlp}.gate_proj.weight": torch.cat(gates),
+            f"{mlp}.up_proj.weight": torch.cat(ups),
+            f"{mlp}.down_proj.weight": torch.cat(downs, dim=1),
+        }
+        if keep_shared and block.shared_gate is not None:
+            state[f"{mlp}.shared_gate.weight"] = block.shared_gate.weight
+        return state
+
+    n_experts = block.num_experts
+    active = sorted(action.keep_experts + action.novices)
+    router = f"{mlp}.{structure['router']}"
+    experts = f"{mlp}.{structure['experts']}"
+    state = {}
+    for k, t in block.router.state_dict().items():
+        rows_of = t.ndim and t.shape[0] == n_experts
+        state[f"{router}.{k}"] = (
+            t.index_select(0, torch.tensor(active, dtype=torch.long, device=t.device)) if rows_of else t
+        )
+    module = block.experts.module
+    if isinstance(module, nn.ModuleList):
+        for slot, e in enumerate(active):
+            if e in novices:
+                state[f"{experts}.{slot}.vector"] = novices[e].to(device=device, dtype=dtype)
+            else:
+                state.update({f"{experts}.{slot}.{k}": t for k, t in module[e].state_dict().items()})
+        return state
+    kept = torch.tensor(action.keep_experts, dtype=torch.long, device=device)
+    prefix = f"{experts}.kept" if action.novices else experts
+    for k, t in module.state_dict().items():
+        state[f"{prefix}.{k}"] = t.index_select(0, kept) if t.ndim and t.shape[0] == n_experts else t
+    if action.novices:
+        state[f"{experts}.novices"] = torch.stack([novices[e] for e in action.novices]).to(
+            device=device, dtype=dtype
+        )
+    return state
