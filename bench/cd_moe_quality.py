@@ -20,52 +20,24 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import MODELS, ROOT, SHARED, dev_logits, measure
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from moepress.data import load_tokens  # noqa: E402
-from moepress.evaluate.divergence import DivergenceSums, divergence_sums  # noqa: E402
-from moepress.evaluate.perplexity import token_nll_sum  # noqa: E402
-from moepress.finetune import finetune  # noqa: E402
-from moepress.io.sizes import size_of  # noqa: E402
-from moepress.methods.cd_moe import cd_moe, prefix_plan  # noqa: E402
-from moepress.models import get_adapter  # noqa: E402
-from moepress.models.loading import load_model  # noqa: E402
-from moepress.surgery import apply_plan  # noqa: E402
-
-SHARED = ROOT.parent / "shared"
-MODELS = ("dsv2-mini", "qwen2moe-mini", "olmoe-mini")
+from moepress.data import load_tokens
+from moepress.finetune import finetune
+from moepress.io.sizes import size_of
+from moepress.methods.cd_moe import cd_moe, prefix_plan
+from moepress.models import get_adapter
+from moepress.models.loading import load_model
+from moepress.surgery import apply_plan
 
 QUICK = dict(calib=8, calib_len=128, dev=16, dev_len=256, layers=3, expert_pool=4,
              train_tokens=32 * 4 * 256, train_batch=4, lr=3e-4)
 FULL = dict(calib=64, calib_len=256, dev=64, dev_len=512, layers=6, expert_pool=None,
             train_tokens=2_000_000, train_batch=16, lr=1e-4)
-
-
-@torch.no_grad()
-def dev_logits(model, ids: torch.Tensor, batch_size: int, device) -> list[torch.Tensor]:
-    model.eval()
-    return [model(input_ids=b.to(device), use_cache=False).logits for b in ids.split(batch_size)]
-
-
-@torch.no_grad()
-def measure(model, ids, reference: list[torch.Tensor], batch_size: int, device) -> dict:
-    """Dev perplexity (every next token of every row) and JS / KL / top-1 agreement to the original."""
-    nll, tokens, div = 0.0, 0, DivergenceSums()
-    for b, ref in zip(ids.split(batch_size), reference, strict=True):
-        logits = model(input_ids=b.to(device), use_cache=False).logits
-        nll += token_nll_sum(logits[:, :-1], b[:, 1:].to(device))
-        tokens += b[:, 1:].numel()
-        div.add(divergence_sums(ref, logits))
-    d = div.mean()
-    return {"ppl": math.exp(nll / tokens), "js": d.js, "kl": d.kl, "top1": d.top1_agreement}
 
 
 def layer_forward_seconds(model, ids, batch_size: int, device) -> float:

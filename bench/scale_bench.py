@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--tag", default="", help="suffix of the result file name (e.g. the device kind)")
     args = ap.parse_args()
 
     rank, world = distributed.world()
@@ -152,17 +153,19 @@ def main() -> None:
         "peak_gpu_bytes": peak,
         "peak_over_layer_plus_batch": peak / (layer_bytes + batch_act) if peak else None,
         "calibration_wall_s": wall,
+        "read_wait_s": streamer.read_wait_s,  # compute idle, waiting for layer reads (rank 0)
         "moe_layers": len(stats.layers),
         **info,
     }
     if rank == 0:
         gib = 2**30
-        print("| shape | GPUs | model bf16 | largest layer | peak GPU | peak/(layer+batch act) | calib wall |")
+        print("| shape | GPUs | model bf16 | largest layer | peak GPU | peak/(layer+batch act) | calib wall "
+              "| of which waiting for disk |")
         print(f"| {row['shape']} | {world} × {row['device']} | {row['model_bf16_bytes'] / gib:.1f} GiB | "
               f"{layer_bytes / gib:.2f} GiB | {peak / gib:.2f} GiB | "
-              f"{row['peak_over_layer_plus_batch'] or 0:.2f} | {wall:.1f} s |")
+              f"{row['peak_over_layer_plus_batch'] or 0:.2f} | {wall:.1f} s | {streamer.read_wait_s:.1f} s |")
         args.out.mkdir(parents=True, exist_ok=True)
-        name = f"scale_{args.shape}_{world}gpu.json"
+        name = f"scale_{args.shape}_{world}gpu{'_' + args.tag if args.tag else ''}.json"
         (args.out / name).write_text(json.dumps(row, indent=1))
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], name).write_text(json.dumps(row, indent=1))

@@ -93,6 +93,303 @@ def calibrate(
     console.print(table)
 
 
+# ---- compression: plan, apply, compress, diff ------------------------------------------------------
+METHODS_HELP = ("mone, frequency, reap, naee, random, variance, frequency+novice, cd-moe (= cd-moe-sr), "
+                "cd-moe-s, layer-drop")
+MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help=METHODS_HELP)]
+RatioOpt = Annotated[float | None, typer.Option(help="share of routed experts to prune, in (0, 1)")]
+LayersOpt = Annotated[int | None, typer.Option("--layers", help="search methods: MoE layers to change")]
+ExpertsOpt = Annotated[int | None, typer.Option(help="cd-moe-sr: routed experts kept per condensed layer")]
+BudgetOpt = Annotated[float | None, typer.Option(help="search methods: share of the original bytes to keep")]
+HpOpt = Annotated[list[str] | None, typer.Option("--hp", help="method hyperparameter KEY=VALUE (repeatable)")]
+NOpt = Annotated[int | None, typer.Option("-n", help="calibration sequences [128]")]
+SeqOpt = Annotated[int | None, typer.Option(help="tokens per calibration sequence [512]")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+RemoteHelp = "allow the checkpoint's own code"
+
+
+def _hp(items: list[str] | None) -> dict | None:
+    """`--hp fusion_weight=0.3 --hp allocation=global` -> {"fusion_weight": 0.3, "allocation": "global"}."""
+    import yaml
+
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MoepressError(f"--hp takes KEY=VALUE (got {item!r}), e.g. --hp fusion_weight=0.3")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def _plan_table(plan) -> Table:
+    from moepress.surgery.diff import describe_action
+
+    table = Table("layer", "action")
+    for i, a in sorted(plan.layers.items()):
+        table.add_row(str(i), describe_action(a))
+    return table
+
+
+def _written(out: Path, json_out: bool) -> None:
+    """What `compress`/`apply`/`finetune` wrote: plan summary, bytes, how the folder loads."""
+    from moepress.io.manifest import MANIFEST_FILE, Manifest
+    from moepress.io.save import PLAN_FILE
+    from moepress.plan import CompressionPlan
+
+    plan = CompressionPlan.load(out / PLAN_FILE)
+    m = Manifest.model_validate_json((out / MANIFEST_FILE).read_text())
+    before, after = m.bytes_before["total"], m.bytes_after["total"]
+    if json_out:
+        print(json.dumps({"output": str(out), "method": plan.method, "actions": plan.summary(),
+                          "bytes_before": before, "bytes_after": after,
+                          "plain_architecture": m.plain_architecture}, indent=1))
+        return
+    console.print(_plan_table(plan))
+    loads = ("plain transformers (AutoModelForCausalLM)" if m.plain_architecture
+             else "moepress.load, or transformers with trust_remote_code=True")
+    console.print(f"{plan.method}: {plan.summary()}; {_gib(before)} → {_gib(after)} "
+                  f"({100 * after / before:.1f}%) → [bold]{out}[/bold], loads with {loads}", soft_wrap=True)
+
+
+@app.command()
+def plan(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("-o", "--out", help="plan JSON to write (+ .novices.safetensors)")],
+    method: MethodOpt = None,
+    ratio: RatioOpt = None,
+    layers: LayersOpt = None,
+    experts: ExpertsOpt = None,
+    memory_budget: BudgetOpt = None,
+    stats: Annotated[Path | None, typer.Option(help="statistics folder from `moepress calibrate`")] = None,
+    data: Annotated[str | None, typer.Option(help="calibration text (search methods, naee)")] = None,
+    n: NOpt = None,
+    seq_len: SeqOpt = None,
+    seed: Annotated[int | None, typer.Option(help="data selection and random methods [0]")] = None,
+    hp: HpOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="sequences per forward [8]")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16")] = None,
+    overwrite: bool = False,
+    trust_remote_code: RemoteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Decide what to compress, change nothing: statistics (or a search on --data) → plan JSON."""
+    from moepress.compression import plan_for, write_plan
+
+    if method is None:
+        raise MoepressError("give --method, e.g. --method mone --ratio 0.25")
+    made = plan_for(
+        model, method, stats=stats, data=data, ratio=ratio, layers=layers, experts=experts,
+        memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
+        dtype=dtype, trust_remote_code=trust_remote_code or None, hp=_hp(hp),
+    )
+    path = write_plan(made, out, overwrite)
+    if json_out:
+        print(json.dumps({"plan": str(path), "method": made.method, "actions": made.summary()}, indent=1))
+        return
+    console.print(_plan_table(made))
+    console.print(f"{made.method}: {made.summary()} → [bold]{path}[/bold]")
+
+
+@app.command()
+def apply(
+    model: ModelArg,
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="plan JSON, or an output folder")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder to write")],
+    overwrite: bool = False,
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: RemoteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Apply a plan to MODEL and write a verified checkpoint folder (never over the input)."""
+    from moepress.compression import apply as apply_saved
+
+    written = apply_saved(model, plan_file, out, overwrite=overwrite, dtype=dtype,
+                          trust_remote_code=trust_remote_code)
+    _written(written, json_out)
+
+
+@app.command()
+def compress(
+    model: Annotated[str | None, typer.Argument(help="checkpoint folder or hub id (or the recipe's)")] = None,
+    method: MethodOpt = None,
+    ratio: RatioOpt = None,
+    layers: LayersOpt = None,
+    experts: ExpertsOpt = None,
+    memory_budget: BudgetOpt = None,
+    data: Annotated[str | None, typer.Option(help="calibration text: .txt/.jsonl/.parquet")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="output folder (beats the recipe)")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe; command-line settings win")] = None,
+    n: NOpt = None,
+    seq_len: SeqOpt = None,
+    seed: Annotated[int | None, typer.Option(help="data selection and random methods [0]")] = None,
+    hp: HpOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="sequences per forward [8]")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16")] = None,
+    overwrite: bool = False,
+    trust_remote_code: Annotated[bool | None, typer.Option("--trust-remote-code", help=RemoteHelp)] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Calibrate (cached), plan, apply and write in one go; OUT also gets the statistics, the resolved
+    recipe (rerun: `moepress compress --recipe OUT/moepress_recipe.yaml -o OUT2`) and a report."""
+    from moepress.compression import compress as run_compress
+
+    written = run_compress(
+        model, method, out, data=data, ratio=ratio, layers=layers, experts=experts,
+        memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
+        dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code, hp=_hp(hp), recipe=recipe,
+    )
+    _written(written, json_out)
+
+
+def _plan_path(path: Path) -> Path:
+    from moepress.io.save import PLAN_FILE
+
+    return path / PLAN_FILE if path.is_dir() else path
+
+
+@app.command()
+def diff(
+    plan_a: Annotated[Path, typer.Argument(metavar="PLAN_A", help="plan JSON or output folder")],
+    plan_b: Annotated[Path, typer.Argument(metavar="PLAN_B", help="plan JSON or output folder")],
+    json_out: JsonOpt = False,
+) -> None:
+    """What two plans do differently, layer by layer and expert by expert."""
+    from moepress.plan import CompressionPlan
+    from moepress.surgery.diff import diff_plans
+
+    a, b = CompressionPlan.load(_plan_path(plan_a)), CompressionPlan.load(_plan_path(plan_b))
+    lines = diff_plans(a, b)
+    if json_out:
+        print(json.dumps({"a": a.method, "b": b.method, "differences": lines}, indent=1))
+        return
+    console.print(f"a = {plan_a} ({a.method}), b = {plan_b} ({b.method})", highlight=False)
+    for line in lines:
+        console.print(line, highlight=False)
+    if not lines:
+        console.print("the plans do the same thing")
+
+
+# ---- evaluation, speed, fine-tuning -------------------------------------------------------------------
+def _rows_table(rows: list[dict], title: str):
+    from moepress.evaluate.report_table import ComparisonRow, rows_table
+
+    return rows_table([ComparisonRow(**r) for r in rows], title=title)
+
+
+@app.command("eval")
+def eval_(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="compressed output folder (or any checkpoint)")],
+    against: Annotated[str | None, typer.Option(help="the original model, evaluated side by side")] = None,
+    ppl: Annotated[str | None, typer.Option(help="perplexity text (.txt/.jsonl/.parquet)")] = None,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated, e.g. piqa,hellaswag,arc_easy")] = None,
+    task_data: Annotated[Path | None, typer.Option(help="folder of <task>.jsonl files")] = None,
+    limit: Annotated[int | None, typer.Option(help="examples per task (quick runs)")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="perplexity tokens to read [all]")] = None,
+    batch_size: int = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: RemoteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Perplexity, divergence to the original and zero-shot tasks: one table, both models side by side;
+    also written to OUT/moepress_eval.json."""
+    from moepress.evaluate.output import evaluate_output
+
+    result, written = evaluate_output(
+        out, against, ppl, (tasks or "").split(","), task_data=task_data, task_limit=limit,
+        max_tokens=max_tokens, batch_size=batch_size, device=device, dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    if json_out:
+        print(json.dumps(result, indent=1, default=str))
+        return
+    console.print(_rows_table(result["rows"], f"{out} vs {against or '(no original)'}"))
+    if written:
+        console.print(f"wrote {written}")
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="compressed output folder")],
+    against: Annotated[str, typer.Option(help="the original model")],
+    batch_sizes: Annotated[str | None, typer.Option(help="comma-separated [CPU 1; GPU 1,32]")] = None,
+    prompt_len: Annotated[int | None, typer.Option(help="prompt tokens [CPU 64; GPU 512]")] = None,
+    new_tokens: Annotated[int | None, typer.Option(help="decoded tokens [CPU 8; GPU 64]")] = None,
+    repeats: Annotated[int | None, typer.Option(help="timed runs, median reported [CPU 2; GPU 3]")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: RemoteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Parameter bytes, prefill/decode tokens/s and peak memory, compressed against original, in this
+    process on one device; also written to OUT/moepress_bench.json."""
+    from moepress.evaluate.output import bench_output
+
+    sizes = None
+    if batch_sizes:
+        try:
+            sizes = [int(b) for b in batch_sizes.split(",")]
+        except ValueError:
+            raise MoepressError(f"--batch-sizes takes integers such as 1,32 (got {batch_sizes!r})") from None
+    cmp, rows, written = bench_output(
+        out, against, batch_sizes=sizes, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
+        device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+    )
+    if json_out:
+        print(json.dumps({**cmp.to_dict(), "rows": [r.to_dict() for r in rows]}, indent=1, default=str))
+        return
+    console.print(_rows_table([r.to_dict() for r in rows], f"{out} vs {against} on {cmp.device}"))
+    speedups = ", ".join(f"b={b}: {v:.2f}×" for b, v in cmp.decode_speedup.items() if v is not None)
+    console.print(f"bytes ratio {cmp.bytes_ratio:.3f}; decode speed-up {speedups}; bytes-read limit "
+                  f"{cmp.decode_bytes_limit_speedup:.2f}×")
+    if cmp.cpu_timing:
+        console.print("[yellow]CPU timings, small sizes: not representative of GPU serving speed[/yellow]")
+    if written:
+        console.print(f"wrote {written}")
+
+
+@app.command()
+def finetune(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="output folder with condensed layers")],
+    data: Annotated[str, typer.Option(help="training text (.txt/.jsonl)")],
+    dest: Annotated[Path, typer.Option("-o", "--out", help="new output folder to write")],
+    tokens: Annotated[str, typer.Option(help="training tokens: 2M, 500k, 2000000")] = "2M",
+    eval_data: Annotated[str | None, typer.Option(help="held-out text for perplexity before/after")] = None,
+    eval_tokens: Annotated[str, typer.Option(help="held-out tokens to score")] = "64k",
+    seq_len: int = 512,
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    seed: int = 0,
+    gradient_checkpointing: bool = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    overwrite: bool = False,
+    trust_remote_code: RemoteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train only the condensed layers of OUT for a token budget; write a new output folder."""
+    from moepress.finetune.output import finetune_output
+
+    written, result = finetune_output(
+        out, data, tokens, dest, eval_data=eval_data, eval_tokens=eval_tokens, seq_len=seq_len, lr=lr,
+        batch_size=batch_size, seed=seed, gradient_checkpointing=gradient_checkpointing, device=device,
+        dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code,
+    )
+    if json_out:
+        print(json.dumps({"output": str(written), **result.to_dict()}, indent=1))
+        return
+    ppl = ""
+    if result.ppl_before is not None:
+        ppl = f"; held-out perplexity {result.ppl_before:.3f} → {result.ppl_after:.3f}"
+    console.print(f"fine-tuned layers {result.layers} ({result.trainable_parameters:,} parameters) for "
+                  f"{result.steps} steps, {result.tokens:,} tokens, {result.seconds:.1f} s{ppl} "
+                  f"→ [bold]{written}[/bold]", soft_wrap=True)
+
+
 @app.command("demo-model")
 def demo_model(
     out: Annotated[Path, typer.Option("-o", "--out", help="folder to write")] = Path("tiny"),
@@ -104,6 +401,43 @@ def demo_model(
 
     write_demo_model(out, family=family, overwrite=overwrite)
     console.print(f"wrote a tiny {family} checkpoint to {out}")
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="folder written by `moepress compress` or `moepress apply`")],
+    stats: Annotated[Path | None, typer.Option("--stats", help="default OUT/moepress_stats")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="default OUT/report.html")] = None,
+) -> None:
+    """One self-contained HTML page: expert statistics with the plan, search curve, plan, bytes, quality."""
+    from moepress.report import write_report
+
+    path = write_report(out, stats_dir=stats, dest=output)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def demo(
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="local checkpoint (default: the demo model, trained once and cached)")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="calibration text (with --model)")] = None,
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="held-out text (with --model)")] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="folder to write (owned by the demo)")] = Path(
+        "moepress-demo"),
+    budget: Annotated[int | None, typer.Option(help="MoE layers to condense or drop")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace OUT even if the demo did not write it")] = False,
+    quick: Annotated[bool, typer.Option(help="few training steps, little text (smoke test)")] = False,
+) -> None:
+    """Every method end to end, offline on CPU: MoNE, frequency pruning, CD-MoE-S/SR and layer drop at
+    comparable sizes, each written to OUT/<method>/ and evaluated on held-out text, in one table.
+
+    A second run replaces OUT when the demo wrote it; the trained demo model is cached in
+    ~/.cache/moepress/demo (or $MOEPRESS_CACHE/demo).
+    """
+    from moepress.demo.run import run_demo
+
+    run_demo(model, out, budget=budget, data=data, eval_data=eval_data, overwrite=overwrite, quick=quick,
+             console=console)
 
 
 def main() -> None:

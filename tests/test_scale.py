@@ -40,6 +40,9 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     ids = distributed.shard(_ids(n=8), rank, world)
     merged = distributed.all_merge(calibrate(model, ids, batch_size=2).stats)
     merged.save(f"{out}/rank{rank}")
+    # streamed: each rank reads half of every layer's tensors from disk and broadcasts them
+    streamed = distributed.all_merge(calibrate_streaming(f"{out}/model", ids, batch_size=2).stats)
+    streamed.save(f"{out}/stream{rank}")
     dist.destroy_process_group()
 
 
@@ -49,10 +52,12 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    tiny_model("olmoe").save_pretrained(tmp_path / "model")
     mp.spawn(_rank_main, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     single = calibrate(tiny_model("olmoe"), _ids(n=8), batch_size=2).stats
     for rank in (0, 1):
         assert_stats_close(CalibrationStats.load(tmp_path / f"rank{rank}"), single, rtol=1e-6)
+        assert_stats_close(CalibrationStats.load(tmp_path / f"stream{rank}"), single, rtol=1e-6)
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path):

@@ -179,7 +179,7 @@ def calibrate(
             else:
                 layers[i] = layer.to(home)
         if i in moe_ids:
-            stats[i] = s
+            stats[i] = s.to_("cpu")
             if keep_moe_inputs:
                 allx = torch.cat(seen)
                 pick = torch.randperm(allx.shape[0], generator=g)[:keep_moe_inputs].sort().values
@@ -211,4 +211,4 @@ def calibrate_hooked(model: nn.Module, input_ids: torch.Tensor, batch_size: int 
     finally:
         for h in handles:
             h.remove()
-    return CalibrationStats(layers=stats)
+    return CalibrationStats(layers={i: s.to_("cpu") for i, s in stats.items()})

@@ -63,15 +63,26 @@ class LayerStats:
         """Add the tokens x [N, H] entering `block`'s MoE MLP."""
         x = x.reshape(-1, block.hidden_size)
         route = route or block.route(x)
+        # accumulate where the layer runs: copying every expert output to the host was the
+        # bottleneck of GPU calibration (and serialised ranks sharing one host); `to_` moves back
+        self.to_(x.device)
         self.tokens += x.shape[0]
         logits = route.logits.double()
-        self.logit_sum += logits.sum(0).cpu()
-        self.logit_sqsum += (logits * logits).sum(0).cpu()
+        self.logit_sum += logits.sum(0)
+        self.logit_sqsum += (logits * logits).sum(0)
         for e in route.index.unique().tolist():
             token_idx, slot = torch.where(route.index == e)
             y = block.expert(x[token_idx], e).double()
             w = route.weights[token_idx, slot].double()
-            self.add_expert(e, y.cpu(), w.cpu())
+            self.add_expert(e, y, w)
+
+    def to_(self, device: torch.device | str) -> LayerStats:
+        """Move the accumulators to `device` in place (no-op when already there); returns self."""
+        device = torch.device(device)
+        if self.count.device != device:
+            for name in _TENSOR_FIELDS:
+                setattr(self, name, getattr(self, name).to(device))
+        return self
 
     def add_expert(self, e: int, y: torch.Tensor, w: torch.Tensor) -> None:
         """Merge one batch of expert e's unweighted outputs y [n, H] and gate weights w [n] (Chan)."""
@@ -80,7 +91,7 @@ class LayerStats:
             return
         mean_b = y.mean(0)
         m2_b = ((y - mean_b) ** 2).sum(0)
-        n_a = self.count[e].item()
+        n_a = self.count[e]  # a tensor: no device sync
         total = n_a + n
         delta = mean_b - self.out_mean[e]
         self.out_mean[e] += delta * (n / total)
@@ -91,6 +102,7 @@ class LayerStats:
 
     def merge(self, other: LayerStats) -> None:
         """Fold another shard's statistics of the same layer into this one (parallel-safe)."""
+        other.to_(self.count.device)
         n_a, n_b = self.count, other.count
         total = n_a + n_b
         safe = torch.where(total > 0, total, torch.ones_like(total))

@@ -2,8 +2,10 @@
 
 The model is built as a skeleton on the meta device; each decoder layer's tensors are read lazily
 from the safetensors shards only when that layer runs, moved to the compute device, used, and
-dropped back to meta. Peak accelerator memory ≈ one layer's weights + the calibration activations;
-peak host memory ≈ one layer + the activation cache.
+dropped back to meta, while a background thread already reads the next layer from disk. Under
+torch.distributed the ranks split each layer's reads and broadcast the tensors. Peak accelerator
+memory ≈ one layer's weights + the calibration activations; peak host memory ≈ two layers + the
+activation cache.
 
 Checkpoints store experts either as transformers v5 fused tensors or, as published checkpoints and
 `save_pretrained` do, one tensor per expert (`experts.{e}.gate_proj.weight`, ...); the per-expert
@@ -13,6 +15,8 @@ form is stacked on the fly (names per family from the adapter).
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -88,20 +92,89 @@ def build_skeleton(folder: str | Path, dtype: torch.dtype = torch.bfloat16, trus
     return model.eval(), get_adapter(model)
 
 
-def materialize(module: nn.Module, prefix: str, ckpt: LazyCheckpoint, adapter: Adapter, device, dtype) -> None:
-    """Give `module` (named `prefix` in the model) real tensors from the checkpoint on `device`."""
+def materialize(module: nn.Module, prefix: str, ckpt: LazyCheckpoint, adapter: Adapter, device, dtype,
+                tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Give `module` (named `prefix` in the model) real tensors from the checkpoint on `device`.
+
+    `tensors` (from `read_tensors`) are used instead of reading the shards. Under torch.distributed
+    with `tensors` given, each tensor is read by one rank only and broadcast to the others, so G
+    ranks read a layer from disk once between them instead of G times.
+    """
     module.to_empty(device=device)
+    shared = tensors is not None and _distributed()
     with torch.no_grad():
-        for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+        for k, (name, p) in enumerate(_named_tensors(module)):
             full = f"{prefix}.{name}" if prefix else name
-            try:
-                t = ckpt.tensor_for(full, adapter)
-            except MoepressError:
-                if isinstance(p, nn.Parameter):
-                    raise
-                continue  # non-persistent buffers (rotary tables) are recomputed below
+            if tensors is not None:
+                t = tensors.get(full)
+                if shared:
+                    import torch.distributed as dist
+
+                    owner = k % dist.get_world_size()
+                    if not _persistent(full, ckpt, adapter, p):
+                        continue
+                    if t is not None:
+                        p.copy_(t.to(dtype=p.dtype if p.is_floating_point() else t.dtype), non_blocking=True)
+                    dist.broadcast(p.data, src=owner)
+                    continue
+                if t is None:
+                    continue  # non-persistent buffer (read_tensors checked the parameters)
+            else:
+                try:
+                    t = ckpt.tensor_for(full, adapter)
+                except MoepressError:
+                    if isinstance(p, nn.Parameter):
+                        raise
+                    continue  # non-persistent buffers (rotary tables) are recomputed below
             p.copy_(t.to(dtype=p.dtype if p.is_floating_point() else t.dtype))
     _reset_rotary(module, device)
+
+
+def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(module.named_parameters()) + list(module.named_buffers())
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _persistent(full: str, ckpt: LazyCheckpoint, adapter: Adapter, p: torch.Tensor) -> bool:
+    """Whether the checkpoint holds this tensor (non-persistent buffers are rebuilt, not stored)."""
+    if isinstance(p, nn.Parameter):
+        return True
+    try:
+        return any(a in ckpt for a in (full, *adapter.legacy_aliases(full)))
+    except MoepressError:
+        return False
+
+
+def read_tensors(module: nn.Module, prefix: str, ckpt: LazyCheckpoint, adapter: Adapter,
+                 pin: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of `module` read into host memory (this rank's share when distributed).
+
+    This is the slow, disk-bound half of loading a layer; `Streamer` runs it in a background thread
+    for the next layer while the current one computes.
+    """
+    rank, size = 0, 1
+    if _distributed():
+        import torch.distributed as dist
+
+        rank, size = dist.get_rank(), dist.get_world_size()
+    out: dict[str, torch.Tensor] = {}
+    for k, (name, p) in enumerate(_named_tensors(module)):
+        if k % size != rank:
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        try:
+            t = ckpt.tensor_for(full, adapter)
+        except MoepressError:
+            if isinstance(p, nn.Parameter):
+                raise
+            continue
+        out[full] = t.pin_memory() if pin else t
+    return out
 
 
 def _reset_rotary(module: nn.Module, device) -> None:
@@ -141,15 +214,37 @@ class Streamer:
                 materialize(child, name, self.ckpt, self.adapter, self.rest_device, dtype)
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
+        # one reader thread: disk reads of layer i+1 overlap the compute of layer i
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepress-prefetch")
+        self._prefetched: dict[int, Future] = {}
+        self.read_wait_s = 0.0
 
     def load_layer(self, i: int) -> nn.Module:
-        materialize(self.layers[i], self.prefixes[i], self.ckpt, self.adapter, self.device, self.dtype)
+        """Layer i on the device; the next layer's tensors start reading from disk in the background."""
+        pending = self._prefetched.pop(i, None)
+        t0 = time.perf_counter()
+        tensors = pending.result() if pending is not None else self._read(i)
+        self.read_wait_s += time.perf_counter() - t0  # time compute stood still waiting for the disk
+        for stale in self._prefetched.values():
+            stale.cancel()
+        self._prefetched.clear()
+        if i + 1 < len(self.layers):
+            self._prefetched[i + 1] = self._pool.submit(self._read, i + 1)
+        materialize(self.layers[i], self.prefixes[i], self.ckpt, self.adapter, self.device, self.dtype,
+                    tensors=tensors)
         return self.layers[i]
+
+    def _read(self, i: int) -> dict[str, torch.Tensor]:
+        return read_tensors(self.layers[i], self.prefixes[i], self.ckpt, self.adapter,
+                            pin=self.device.type == "cuda")
 
     def release_layer(self, i: int) -> None:
         release(self.layers[i])
 
     def close(self) -> None:
+        for f in self._prefetched.values():
+            f.cancel()
+        self._pool.shutdown(wait=True)
         self.ckpt.close()
 
 

@@ -34,6 +34,9 @@ usually but not necessarily non-decreasing: condensing one more layer can, by ch
 earlier layer's error; they are recorded as measured. Greedy steps are sequential, so the plan for
 n layers is the first n steps of a longer search (`prefix_plan`).
 
+Candidate layers. `candidate_layers=[...]` restricts both searches to those MoE layers (the others
+stay original and are never candidates), so a recipe can condense some layers and prune others.
+
 Metric: "js" (default), "kl" (KL(original ‖ candidate)) or "ppl" (the candidate's perplexity on the
 calibration tokens) — the paper's Figure 5 compares the three.
 
@@ -73,13 +76,23 @@ WeightMode = Literal["all", "routed"]
 def _check_args(
     model: nn.Module, input_ids: torch.Tensor, layers: int | None, memory_budget: float | None,
     experts: int, metric: str, weight_mode: str, expert_pool: int | None, batch_size: int,
+    candidate_layers: list[int] | None = None,
 ) -> None:
     if (layers is None) == (memory_budget is None):
         raise MoepressError("give exactly one of layers=N (layers to condense) or memory_budget=F (e.g. 0.7)")
-    n_moe = len(get_adapter(model).moe_layer_ids(model))
+    moe_ids = get_adapter(model).moe_layer_ids(model)
+    n_moe, what = len(moe_ids), "the MoE layers"
+    if candidate_layers is not None:
+        bad = sorted(set(candidate_layers) - set(moe_ids))
+        if not candidate_layers or bad:
+            raise MoepressError(
+                f"candidate_layers must be MoE layers of the model ({', '.join(map(str, moe_ids))}); "
+                f"got {bad or '[]'}"
+            )
+        n_moe, what = len(set(candidate_layers)), "the candidate layers"
     bad_layers = isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= n_moe
     if layers is not None and bad_layers:
-        raise MoepressError(f"layers must be an integer from 1 to {n_moe} (the MoE layers); got {layers!r}")
+        raise MoepressError(f"layers must be an integer from 1 to {n_moe} ({what}); got {layers!r}")
     if memory_budget is not None and not 0 < memory_budget < 1:
         raise MoepressError(
             f"memory_budget is the share of the original bytes to keep, in (0, 1); got {memory_budget!r}"
@@ -122,14 +135,17 @@ def cd_moe(
     device: torch.device | str | None = None,
     candidates_per_forward: int | None = None,
     method: str | None = None,
+    candidate_layers: list[int] | None = None,
 ) -> CompressionPlan:
     """Search which MoE layers to condense (or, with `drop`, drop) and return the plan.
 
-    `experts` routed experts are kept per condensed layer (0: shared experts only). The model is
-    moved to `device` for the search and back; it is never changed. See the module docstring.
+    `experts` routed experts are kept per condensed layer (0: shared experts only); only
+    `candidate_layers` (default: every MoE layer) may be chosen. The model is moved to `device` for
+    the search and back; it is never changed. See the module docstring.
     """
     _check_args(
-        model, input_ids, layers, memory_budget, experts, metric, weight_mode, expert_pool, batch_size
+        model, input_ids, layers, memory_budget, experts, metric, weight_mode, expert_pool, batch_size,
+        candidate_layers,
     )
     method = method or ("layer-drop" if drop else "cd-moe-s" if experts == 0 else "cd-moe-sr")
     home = next(model.parameters()).device
@@ -146,7 +162,8 @@ def cd_moe(
         actions: dict[int, LayerAction] = {}
         expert_meta: dict[str, dict] = {}
         expert_candidates: dict[int, int] = {}
-        for i in progress(search.moe_ids, "searching experts"):
+        candidates = search.moe_ids if candidate_layers is None else sorted(set(candidate_layers))
+        for i in progress(candidates, "searching experts"):
             if drop:
                 actions[i] = Drop()
                 continue
@@ -216,6 +233,8 @@ def cd_moe(
             "batch_size": batch_size,
             "calibration_sequences": int(input_ids.shape[0]),
             "seq_len": int(input_ids.shape[1]),
+            # only when given, so plans of a whole-model search stay as they were
+            **({} if candidate_layers is None else {"candidate_layers": sorted(set(candidate_layers))}),
         },
         model_fingerprint=model_fingerprint(model),
         data_fingerprint=fingerprint_ids(input_ids),
@@ -275,6 +294,7 @@ def cd_moe_sr(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     candidates_per_forward: int | None = None,
+    candidate_layers: list[int] | None = None,
 ) -> CompressionPlan:
     """CD-MoE-SR: condensed layers keep the shared experts and `experts` greedily chosen routed ones."""
     if experts < 1:
@@ -282,7 +302,7 @@ def cd_moe_sr(
     return cd_moe(
         model, input_ids, experts=experts, layers=layers, memory_budget=memory_budget, metric=metric,
         weight_mode=weight_mode, expert_pool=expert_pool, batch_size=batch_size, device=device,
-        candidates_per_forward=candidates_per_forward, method="cd-moe-sr",
+        candidates_per_forward=candidates_per_forward, method="cd-moe-sr", candidate_layers=candidate_layers,
     )
 
 
@@ -297,13 +317,14 @@ def cd_moe_s(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     candidates_per_forward: int | None = None,
+    candidate_layers: list[int] | None = None,
 ) -> CompressionPlan:
     """CD-MoE-S: condensed layers keep only their shared experts (on a family without shared experts
     this equals dropping the MLP)."""
     return cd_moe(
         model, input_ids, experts=0, layers=layers, memory_budget=memory_budget, metric=metric,
         batch_size=batch_size, device=device, candidates_per_forward=candidates_per_forward,
-        method="cd-moe-s",
+        method="cd-moe-s", candidate_layers=candidate_layers,
     )
 
 
@@ -318,10 +339,11 @@ def layer_drop(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     candidates_per_forward: int | None = None,
+    candidate_layers: list[int] | None = None,
 ) -> CompressionPlan:
     """Layer-drop baseline: remove whole MoE MLPs, chosen by the same greedy search as CD-MoE."""
     return cd_moe(
         model, input_ids, experts=0, drop=True, layers=layers, memory_budget=memory_budget, metric=metric,
         batch_size=batch_size, device=device, candidates_per_forward=candidates_per_forward,
-        method="layer-drop",
+        method="layer-drop", candidate_layers=candidate_layers,
     )

@@ -1,0 +1,491 @@
+"""`moepress.compress(...)`: load → calibrate (cached) → plan → apply → write, the whole run in one call.
+
+Every run is a `Recipe` (`moepress.recipe`): keyword arguments make a one-method recipe, `recipe=`
+loads one from YAML (keyword arguments such as `out`, `device` or `n` then override it). Arguments
+are checked before the model loads: first on their own, then against an empty ("meta") copy of the
+model built from its config, so a bad ratio or too many layers fail in a second, not after minutes.
+
+The output folder is written whole or not at all (built in a temporary sibling, renamed at the end):
+the checkpoint `save_compressed` writes (weights, config, tokenizer, `moepress_plan.json`, manifest)
+plus `moepress_stats/` (the calibration statistics), `moepress_recipe.yaml` (the fully resolved
+recipe: rerunning it gives a byte-identical plan) and `moepress_run.json` (timings, which are kept
+out of the plan so that plans of identical runs are identical). The HTML report is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moepress.errors import MoepressError
+from moepress.recipe import RECIPE_FILE, DataSpec, MethodEntry, Recipe, format_layers
+
+STATS_DIR = "moepress_stats"
+RUN_FILE = "moepress_run.json"
+NAEE_INPUTS = 512  # sampled token states per MoE layer that NAEE reconstructs
+# Plan metadata that differs between identical runs (wall time); moved to moepress_run.json.
+VOLATILE_METADATA = ("search_seconds",)
+
+
+@dataclass
+class PlanResult:
+    """A plan and what went into it."""
+
+    plan: Any  # CompressionPlan
+    stats: Any = None  # CalibrationStats, when calibration ran
+    seconds: dict[str, float] = field(default_factory=dict)
+    volatile: dict[str, Any] = field(default_factory=dict)  # per entry, what VOLATILE_METADATA held
+
+
+def compress(
+    model_path: str | Path | None = None,
+    method: str | None = None,
+    out: str | Path | None = None,
+    *,
+    data: str | Path | None = None,
+    ratio: float | None = None,
+    layers: int | None = None,
+    experts: int | None = None,
+    memory_budget: float | None = None,
+    n: int | None = None,
+    seq_len: int | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool | None = None,
+    hp: dict[str, Any] | None = None,
+    recipe: str | Path | Recipe | None = None,
+) -> Path:
+    """Compress `model_path` with `method` into the folder `out` and return `out`.
+
+    Statistics methods (mone, frequency, reap, naee, random, ...) take `ratio`, the share of routed
+    experts to prune; search methods (cd-moe-sr, alias cd-moe; cd-moe-s; layer-drop) take `layers`
+    (how many MoE layers to condense) or `memory_budget` (share of the original bytes to keep) and,
+    for cd-moe-sr, `experts` per condensed layer. `hp` holds further hyperparameters of the method.
+    `data` is calibration text, cut into `n` sequences of `seq_len` tokens with `seed` (defaults
+    128, 512, 0); statistics are reused from the cache ($MOEPRESS_CACHE, else ~/.cache/moepress)
+    when the same model, tokens, n and seq_len were calibrated before.
+
+    With `recipe` (a YAML path or a Recipe) the model, data and methods come from the recipe; `out`,
+    `data`, `n`, `seq_len`, `seed`, `batch_size`, `device`, `dtype`, `trust_remote_code` and
+    `model_path` override it, and giving a method as well is an error.
+    """
+    r = build_recipe(
+        model_path, method, out, data=data, ratio=ratio, layers=layers, experts=experts,
+        memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
+        dtype=dtype, trust_remote_code=trust_remote_code, hp=hp, recipe=recipe,
+    )
+    return run_recipe(r, overwrite=overwrite)
+
+
+def build_recipe(
+    model_path: str | Path | None = None,
+    method: str | None = None,
+    out: str | Path | None = None,
+    *,
+    data: str | Path | None = None,
+    ratio: float | None = None,
+    layers: int | None = None,
+    experts: int | None = None,
+    memory_budget: float | None = None,
+    n: int | None = None,
+    seq_len: int | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool | None = None,
+    hp: dict[str, Any] | None = None,
+    recipe: str | Path | Recipe | None = None,
+    need_output: bool = True,
+) -> Recipe:
+    """The checked recipe of a run: from the arguments, or from `recipe` with the arguments as overrides."""
+    method_args = {"method": method, "ratio": ratio, "layers": layers, "experts": experts,
+                   "memory_budget": memory_budget, "hp": hp}
+    if recipe is not None:
+        given = [k for k, v in method_args.items() if v is not None]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise MoepressError(f"the recipe names the methods; drop {flags} or drop --recipe")
+        r = recipe.model_copy(deep=True) if isinstance(recipe, Recipe) else Recipe.load(recipe)
+        if model_path is not None:
+            r.model = local_or_name(model_path)
+        if data is not None:
+            r.data.path = local_or_name(data)
+        for key, value in (("n", n), ("seq_len", seq_len), ("seed", seed)):
+            if value is not None:
+                setattr(r.data, key, value)
+        for key, value in (("batch_size", batch_size), ("device", device), ("dtype", dtype),
+                           ("trust_remote_code", trust_remote_code)):
+            if value is not None:
+                setattr(r, key, value)
+    else:
+        missing = [k for k, v in (("MODEL", model_path), ("--method", method), ("--data", data)) if v is None]
+        if missing:
+            raise MoepressError(f"give {', '.join(missing)} (or a --recipe)")
+        spec = DataSpec(path=local_or_name(data), **{k: v for k, v in (("n", n), ("seq_len", seq_len),
+                                                                       ("seed", seed)) if v is not None})
+        entry = MethodEntry(method=str(method), ratio=ratio, num_layers=layers, experts=experts,
+                            memory_budget=memory_budget, hyperparameters=dict(hp or {}))
+        settings = {k: v for k, v in (("batch_size", batch_size), ("device", device), ("dtype", dtype),
+                                      ("trust_remote_code", trust_remote_code)) if v is not None}
+        r = Recipe(model=local_or_name(model_path), data=spec, methods=[entry], **settings)
+    if out is not None:
+        r.output = str(Path(out).expanduser().resolve())
+    if r.output is None and need_output:
+        raise MoepressError("give an output folder: -o OUT (or output: in the recipe)")
+    r.check()
+    return r
+
+
+def plan_for(
+    model_path: str | Path,
+    method: str,
+    *,
+    stats: str | Path | None = None,
+    data: str | Path | None = None,
+    ratio: float | None = None,
+    layers: int | None = None,
+    experts: int | None = None,
+    memory_budget: float | None = None,
+    n: int | None = None,
+    seq_len: int | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool | None = None,
+    hp: dict[str, Any] | None = None,
+):
+    """The CompressionPlan `compress` would apply, without applying it (`moepress plan`).
+
+    Statistics methods decide from `stats` (a folder `moepress calibrate` wrote; the model is not
+    loaded) or calibrate on `data` (cached); search methods and naee run the model on `data`.
+    """
+    from moepress.calibrate.stats import CalibrationStats
+    from moepress.methods.base import get_method
+    from moepress.models.loading import check_checkpoint, load_model
+
+    if stats is not None and data is not None:
+        raise MoepressError("give --stats DIR or --data FILE, not both")
+    if stats is not None:
+        entry = MethodEntry(method=method, ratio=ratio, num_layers=layers, experts=experts,
+                            memory_budget=memory_budget, hyperparameters=dict(hp or {}))
+        entry.check()
+        if entry.kind == "search":
+            raise MoepressError(f"{entry.method} searches on the model: pass --data FILE, not --stats")
+        if entry.method == "naee":
+            raise MoepressError("naee reconstructs layer outputs: pass --data FILE, not --stats")
+        if Path(model_path).exists() or str(model_path).startswith((".", "/", "~")):
+            check_checkpoint(model_path)  # the model is not loaded, but a wrong path is still an error
+        loaded = CalibrationStats.load(stats)
+        return get_method(entry.method)(loaded, entry.ratio, seed=seed or 0, **entry.hyperparameters)
+    if data is None:
+        raise MoepressError("give --stats DIR (from `moepress calibrate`) or --data FILE to calibrate on")
+    r = build_recipe(
+        model_path, method, None, data=data, ratio=ratio, layers=layers, experts=experts,
+        memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
+        dtype=dtype, trust_remote_code=trust_remote_code, hp=hp, need_output=False,
+    )
+    meta = meta_model(r)
+    if meta is not None:
+        check_against_model(r, meta)
+    model, tokenizer = load_model(r.model, dtype=r.dtype, device="cpu", trust_remote_code=r.trust_remote_code)
+    return make_plan(model, tokenizer, r).plan
+
+
+def local_or_name(value: str | Path) -> str:
+    """An existing local path made absolute (so a saved recipe runs from anywhere); a hub name as is."""
+    p = Path(value).expanduser()
+    return str(p.resolve()) if p.exists() else str(value)
+
+
+# ---- checks against the model ------------------------------------------------------------------------
+def meta_model(r: Recipe):
+    """An empty copy of the model (no weights: "meta" tensors) to check a recipe against, or None when
+    one cannot be built from the config alone (the real load then reports the problem)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moepress.models.loading import check_checkpoint
+
+    if Path(r.model).exists():
+        check_checkpoint(r.model)
+    try:
+        config = AutoConfig.from_pretrained(r.model, trust_remote_code=r.trust_remote_code)
+        if getattr(config, "moepress_structure", None) is not None:
+            return None  # a compressed output: apply_plan refuses it after loading, with a clear message
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=r.trust_remote_code)
+    except Exception:  # noqa: BLE001 - anything the config cannot tell is checked after the real load
+        return None
+
+
+def check_against_model(r: Recipe, model) -> list[list[int]]:
+    """The layers of each entry; one-line errors for layers, ratios and budgets the model cannot take."""
+    from moepress.io.sizes import predict_size, size_of
+    from moepress.methods.base import experts_to_prune
+    from moepress.models import get_adapter
+    from moepress.plan import CompressionPlan, Condense, Drop, Prune
+
+    adapter = get_adapter(model)
+    entry_layers = r.entry_layers(adapter.moe_layer_ids(model))
+    decoder = adapter.layers(model)
+    lowest: dict[int, Any] = {}  # the smallest each layer can become, for the budget check
+    for entry, ids in zip(r.methods, entry_layers, strict=True):
+        for i in ids:
+            block = adapter.block(i, decoder[i])
+            if entry.kind == "stats":
+                if entry.hyperparameters.get("allocation") == "global":
+                    continue  # one budget over all layers: the method checks it
+                gone = experts_to_prune(block.num_experts, block.top_k, entry.ratio)
+                lowest[i] = Prune(keep_experts=list(range(block.num_experts - gone)))
+            elif entry.method == "layer-drop":
+                lowest[i] = Drop()
+            else:
+                k = min(entry.experts or 0, block.num_experts)
+                lowest[i] = Condense(experts=list(range(k)), weights=[1.0] * k)
+    budgets = [e.memory_budget for e in r.methods if e.memory_budget is not None]
+    if budgets:
+        original = size_of(model).bytes
+        best = predict_size(model, CompressionPlan(method="check", layers=lowest)).bytes / original
+        if best > min(budgets):
+            raise MoepressError(
+                f"memory budget {min(budgets)} is out of reach: changing every layer the recipe allows keeps "
+                f"{best:.3f} of the model's bytes; raise the budget, keep fewer experts or allow more layers"
+            )
+    return entry_layers
+
+
+# ---- planning ----------------------------------------------------------------------------------------
+def make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False) -> PlanResult:
+    """Calibrate (cached) when a statistics method needs it or `need_stats`, run every entry on the
+    original model and the same calibration tokens, and merge the decisions into one plan."""
+    from moepress.calibrate.stats import CalibrationStats
+    from moepress.io.sizes import predict_size, size_of
+    from moepress.methods.base import get_method
+    from moepress.methods.search_registry import get_search_method
+    from moepress.models import get_adapter
+    from moepress.models.loading import resolve_device
+    from moepress.pipeline import cached_calibration, calibration_tokens
+
+    entry_layers = check_against_model(r, model)
+    adapter = get_adapter(model)
+    moe_ids = adapter.moe_layer_ids(model)
+    device = resolve_device(r.device)
+    d = r.data
+    result = PlanResult(plan=None)
+    stats_entries = [k for k, e in enumerate(r.methods) if e.kind == "stats"]
+    search_entries = [k for k, e in enumerate(r.methods) if e.kind == "search"]
+    t = time.perf_counter()
+    moe_inputs: dict = {}
+    if stats_entries or need_stats:
+        inputs = NAEE_INPUTS if any(r.methods[k].method == "naee" for k in stats_entries) else 0
+        stats, moe_inputs, batch = cached_calibration(
+            model, tokenizer, d.path, d.n, d.seq_len, d.seed, r.batch_size, device, keep_moe_inputs=inputs
+        )
+        stats.meta.update(model=r.model, data=d.path)
+        result.stats = stats
+    else:
+        batch = calibration_tokens(model, tokenizer, d.path, d.n, d.seq_len, d.seed)
+    result.seconds["calibration"] = time.perf_counter() - t
+
+    plans: dict[int, Any] = {}
+    t = time.perf_counter()
+    for k in stats_entries:  # first: their savings count towards the searches' memory budgets
+        e, ids = r.methods[k], entry_layers[k]
+        whole = set(ids) == set(moe_ids)
+        stats = result.stats if whole else CalibrationStats(
+            layers={i: result.stats.layers[i] for i in ids}, meta=result.stats.meta
+        )
+        blocks = None
+        if e.method == "naee":
+            blocks = {i: b for i, b in adapter.blocks(model).items() if i in ids}
+        plans[k] = get_method(e.method)(
+            stats, e.ratio, seed=d.seed, blocks=blocks, moe_inputs=moe_inputs or None, **e.hyperparameters
+        )
+    original = size_of(model).bytes if any(r.methods[k].memory_budget for k in search_entries) else 0
+    for k in search_entries:
+        e, ids = r.methods[k], entry_layers[k]
+        kwargs: dict[str, Any] = {**e.hyperparameters, "batch_size": r.batch_size, "device": device}
+        if e.experts is not None:
+            kwargs["experts"] = e.experts
+        if set(ids) != set(moe_ids):
+            kwargs["candidate_layers"] = ids
+        if e.num_layers is not None:
+            kwargs["layers"] = e.num_layers
+        else:
+            # the budget is the whole output's; the search alone must save what the others do not
+            others = merge_plans(r, [(j, p) for j, p in plans.items()]) if plans else None
+            saved = original - predict_size(model, others).bytes if others is not None else 0
+            budget = e.memory_budget + saved / original
+            if budget >= 1:
+                raise MoepressError(
+                    f"memory budget {e.memory_budget} is already met by the other methods (they keep "
+                    f"{1 - saved / original:.3f} of the bytes); lower the budget or remove {e.method}"
+                )
+            kwargs["memory_budget"] = budget
+        plan = get_search_method(e.method)(model, batch.input_ids, **kwargs)
+        result.volatile[str(k)] = {key: plan.metadata.pop(key) for key in VOLATILE_METADATA
+                                   if key in plan.metadata}
+        plans[k] = plan
+    result.seconds["plan"] = time.perf_counter() - t
+    result.plan = merge_plans(r, sorted(plans.items()))
+    return result
+
+
+def merge_plans(r: Recipe, plans: list[tuple[int, Any]]):
+    """One plan from the entries' plans (`(entry index, plan)`); a single plan is returned unchanged."""
+    from moepress.plan import CompressionPlan
+
+    if len(plans) == 1:
+        return plans[0][1]
+    layers: dict[int, Any] = {}
+    for _, p in plans:
+        overlap = set(layers) & set(p.layers)
+        if overlap:  # entries have disjoint layers, so this is a bug
+            raise AssertionError(f"two entries changed layers {sorted(overlap)}")
+        layers.update(p.layers)
+    fingerprints = {p.model_fingerprint for _, p in plans}
+    data = {p.data_fingerprint for _, p in plans}
+    if len(fingerprints) > 1 or len(data) > 1:
+        raise AssertionError(f"entries saw different models or data: {fingerprints} {data}")
+
+    def describe(k: int, p) -> dict:
+        e = r.methods[k]
+        return {"method": p.method, "layers": format_layers(e.layers), "changed": sorted(p.layers)}
+
+    merged = CompressionPlan(
+        method="+".join(p.method for _, p in plans),
+        hyperparameters={"entries": [{**describe(k, p), **p.hyperparameters} for k, p in plans]},
+        model_fingerprint=fingerprints.pop(),
+        data_fingerprint=data.pop(),
+        layers=dict(sorted(layers.items())),
+        metadata={"entries": [{**describe(k, p), **p.metadata} for k, p in plans]},
+    )
+    for _, p in plans:
+        merged.tensors.update(p.tensors)
+    return merged
+
+
+# ---- the whole run -----------------------------------------------------------------------------------
+def run_recipe(r: Recipe, overwrite: bool = False) -> Path:
+    """Run a checked recipe into `r.output` (see the module docstring for what the folder holds)."""
+    from moepress.atomic import atomic_dir, check_output
+    from moepress.io.manifest import moepress_version
+    from moepress.models.loading import load_model
+    from moepress.surgery import apply_plan
+
+    out = check_output(r.output, overwrite, inputs=(r.model, r.data.path))
+    meta = meta_model(r)
+    if meta is not None:
+        check_against_model(r, meta)
+        del meta
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    model, tokenizer = load_model(r.model, dtype=r.dtype, device="cpu", trust_remote_code=r.trust_remote_code)
+    seconds["load"] = time.perf_counter() - t
+    result = make_plan(model, tokenizer, r, need_stats=True)
+    seconds.update(result.seconds)
+    plan = result.plan
+    t = time.perf_counter()
+    apply_plan(model, plan)
+    seconds["apply"] = time.perf_counter() - t
+    t = time.perf_counter()
+    source = r.model if Path(r.model).is_dir() else None
+    with atomic_dir(out, overwrite) as tmp:
+        write_checkpoint(model, plan, tmp, source)
+        result.stats.save(tmp / STATS_DIR)
+        r.save(tmp / RECIPE_FILE)
+        seconds["write"] = time.perf_counter() - t
+        run = {
+            "moepress_version": moepress_version(),
+            "device": r.device,
+            "plan_summary": plan.summary(),
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "entries": result.volatile,
+        }
+        (tmp / RUN_FILE).write_text(json.dumps(run, indent=1) + "\n")
+    write_report_if_available(out)
+    return out
+
+
+def write_checkpoint(model, plan, folder: Path, source: str | Path | None) -> None:
+    """`save_compressed` into `folder` (an existing, empty staging folder) so that more files can join
+    the checkpoint before the whole folder is renamed into place."""
+    from moepress.io.save import save_compressed
+
+    inner = save_compressed(model, plan, folder / "checkpoint", source=source)
+    for f in sorted(inner.iterdir()):
+        f.rename(folder / f.name)
+    inner.rmdir()
+
+
+def apply(model_path: str | Path, plan: str | Path, out: str | Path, *, overwrite: bool = False,
+          dtype: str = "auto", trust_remote_code: bool = False) -> Path:
+    """Apply a saved plan (a plan file, or an output folder holding one) to `model_path`; write `out`."""
+    from moepress.atomic import check_output
+    from moepress.io.save import PLAN_FILE, save_compressed
+    from moepress.models.loading import check_checkpoint, load_model
+    from moepress.plan import CompressionPlan
+    from moepress.surgery import apply_plan
+
+    plan_path = Path(plan) / PLAN_FILE if Path(plan).is_dir() else Path(plan)
+    out = check_output(out, overwrite, inputs=(model_path, plan_path))
+    if Path(model_path).exists():
+        check_checkpoint(model_path)
+    loaded = CompressionPlan.load(plan_path)
+    model, _ = load_model(model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    apply_plan(model, loaded)
+    source = model_path if Path(model_path).is_dir() else None
+    return save_compressed(model, loaded, out, source=source, overwrite=overwrite)
+
+
+def write_plan(plan, path: str | Path, overwrite: bool = False) -> Path:
+    """Save `plan` (JSON + novice sidecar) as `path`, both files or neither, refusing to overwrite."""
+    import os
+    import uuid
+
+    from moepress.plan import sidecar_path
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise MoepressError(f"plan output {path} is a folder; give a file name such as {path / 'plan.json'}")
+    if path.exists() and not overwrite:
+        raise MoepressError(f"plan file {path} already exists; pass --overwrite or choose another name")
+    if not path.resolve().parent.is_dir():
+        raise MoepressError(f"plan output's folder {path.resolve().parent} does not exist; create it first")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        plan.save(tmp / path.name)
+        side = sidecar_path(path)
+        if (tmp / side.name).exists():
+            os.replace(tmp / side.name, side)
+        elif side.exists():
+            side.unlink()  # a stale sidecar of an earlier plan would lend it novices
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def write_report_if_available(out: Path) -> Path | None:
+    """The HTML report of an output folder, once `moepress.report` is installed."""
+    try:
+        from moepress.report import write_report
+    except ImportError:
+        return None
+    return write_report(out)
+
+
+def copy_stats(src: Path, dst: Path) -> None:
+    """Carry an output's calibration statistics into a derived output (e.g. after fine-tuning)."""
+    if (src / STATS_DIR).is_dir():
+        shutil.copytree(src / STATS_DIR, dst / STATS_DIR)
