@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moepress.calibrate import distributed  # noqa: E402
-from moepress.calibrate.runner import calibrate  # noqa: E402
+from moepress.calibrate.runner import calibrate, capture_inputs, run_layer  # noqa: E402
 from moepress.calibrate.streaming import Streamer  # noqa: E402
 
 SHAPES = {
@@ -97,8 +97,27 @@ def write_random_checkpoint(shape: str, folder: Path, store_dtype: torch.dtype, 
     return {"parameters": total, "bf16_bytes": 2 * total}
 
 
-def largest_layer_bytes(streamer: Streamer) -> int:
-    return max(sum(p.numel() * 2 for p in layer.parameters()) for layer in streamer.layers)
+def largest_layer(streamer: Streamer) -> tuple[int, int]:
+    """(index, bf16 bytes) of the decoder layer with the most parameters."""
+    sizes = [sum(p.numel() * 2 for p in layer.parameters()) for layer in streamer.layers]
+    return max(range(len(sizes)), key=sizes.__getitem__), max(sizes)
+
+
+def forward_working_set(streamer: Streamer, ids: torch.Tensor, index: int, device: torch.device) -> int:
+    """GPU bytes a plain forward of one calibration batch through layer `index` needs beyond its
+    weights: the "activations" the peak is compared with (attention scores, expert intermediates)."""
+    if device.type != "cuda":
+        return 0
+    inputs = capture_inputs(streamer.model, ids, ids.shape[0], device=streamer.rest_device)
+    layer = streamer.load_layer(index)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run_layer(layer, inputs, device, replace=False)
+    torch.cuda.synchronize(device)
+    work = torch.cuda.max_memory_allocated(device) - base
+    streamer.release_layer(index)
+    return work
 
 
 def main() -> None:
@@ -138,8 +157,8 @@ def main() -> None:
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    layer_bytes = largest_layer_bytes(streamer)
-    batch_act = args.batch_size * args.seq_len * cfg.hidden_size * 2
+    big, layer_bytes = largest_layer(streamer)
+    batch_act = forward_working_set(streamer, ids[: args.batch_size], big, device)
     row = {
         "shape": args.shape,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -149,9 +168,10 @@ def main() -> None:
         "model_bf16_bytes": 2 * params,
         "largest_layer_bf16_bytes": layer_bytes,
         "calibration_tokens": args.n * args.seq_len,
+        # activations: what a plain bf16 forward of one batch through the largest layer needs
         "batch_activation_bytes": batch_act,
         "peak_gpu_bytes": peak,
-        "peak_over_layer_plus_batch": peak / (layer_bytes + batch_act) if peak else None,
+        "peak_over_layer_plus_activations": peak / (layer_bytes + batch_act) if peak else None,
         "calibration_wall_s": wall,
         "read_wait_s": streamer.read_wait_s,  # compute idle, waiting for layer reads (rank 0)
         "moe_layers": len(stats.layers),
@@ -159,11 +179,11 @@ def main() -> None:
     }
     if rank == 0:
         gib = 2**30
-        print("| shape | GPUs | model bf16 | largest layer | peak GPU | peak/(layer+batch act) | calib wall "
-              "| of which waiting for disk |")
+        print("| shape | GPUs | model bf16 | largest layer | batch activations | peak GPU | peak/(layer+act) "
+              "| calib wall | of which waiting for disk |")
         print(f"| {row['shape']} | {world} × {row['device']} | {row['model_bf16_bytes'] / gib:.1f} GiB | "
-              f"{layer_bytes / gib:.2f} GiB | {peak / gib:.2f} GiB | "
-              f"{row['peak_over_layer_plus_batch'] or 0:.2f} | {wall:.1f} s | {streamer.read_wait_s:.1f} s |")
+              f"{layer_bytes / gib:.2f} GiB | {batch_act / gib:.2f} GiB | {peak / gib:.2f} GiB | "
+              f"{row['peak_over_layer_plus_activations'] or 0:.2f} | {wall:.1f} s | {streamer.read_wait_s:.1f} s |")
         args.out.mkdir(parents=True, exist_ok=True)
         name = f"scale_{args.shape}_{world}gpu{'_' + args.tag if args.tag else ''}.json"
         (args.out / name).write_text(json.dumps(row, indent=1))
