@@ -1,0 +1,129 @@
+"""Markdown tables for the README's results section, read from bench/results/*.json.
+
+The numbers in the README are pasted from this script's output, so they always trace back to a
+results file (which records the command, device and library versions that produced it).
+
+    python bench/readme_tables.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("dsv2-mini", "qwen2moe-mini", "olmoe-mini")
+METHOD_ORDER = ("mone", "frequency+novice", "variance", "frequency", "reap", "naee", "random")
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def pruning_table() -> str:
+    """Dev perplexity (Δ to the original) and JS per method × ratio, one column group per model."""
+    runs = {m: _load(f"pruning_quality_{m}_h100.json") for m in MODELS}
+    runs = {m: r for m, r in runs.items() if r}
+    if not runs:
+        return ""
+    ratios = sorted({row["ratio"] for r in runs.values() for row in r["models"][next(iter(r["models"]))]["rows"]})
+    head = "| method | ratio | " + " | ".join(f"{m} ppl (JS)" for m in runs) + " | bytes kept |"
+    lines = [head, "|" + "---|" * (3 + len(runs))]
+    orig = " | ".join(f"{r['models'][m]['original']['ppl']:.2f}" for m, r in runs.items())
+    lines.append(f"| original | — | {orig} | 100% |")
+    for ratio in ratios:
+        for method in METHOD_ORDER:
+            cells, kept = [], ""
+            for m, r in runs.items():
+                row = next((x for x in r["models"][m]["rows"] if x["method"] == method and x["ratio"] == ratio), None)
+                if row is None:
+                    cells.append("—")
+                    continue
+                cells.append(f"{row['ppl']:.2f} ({row['js']:.4f})")
+                kept = kept or f"{100 * row['bytes_ratio']:.1f}%"
+            lines.append(f"| {method} | {ratio:g} | " + " | ".join(cells) + f" | {kept} |")
+    return "\n".join(lines)
+
+
+def cd_moe_table() -> str:
+    """Per model: dev ppl of n condensed (S, SR k=2) vs dropped layers, bytes share, fine-tuning."""
+    out = []
+    for m in MODELS:
+        r = _load(f"cd_moe_quality_{m}_h100.json")
+        if not r:
+            continue
+        res = r["models"][m]
+        rows = {(x["variant"], x["layers"]): x for x in res["rows"]}
+        n_max = max(n for _, n in rows)
+        out.append(f"**{m}** (original dev ppl {res['original']['ppl']:.2f})\n")
+        out.append("| layers | CD-MoE-S ppl / JS / bytes | CD-MoE-SR (k=2) ppl / JS / bytes | layer drop ppl / JS / bytes |")
+        out.append("|---|---|---|---|")
+        for n in range(1, n_max + 1):
+            cells = []
+            for v in ("cd-moe-s", "cd-moe-sr", "layer-drop"):
+                x = rows.get((v, n))
+                cells.append(f"{x['ppl']:.2f} / {x['js']:.4f} / {100 * x['memory_ratio']:.1f}%" if x else "—")
+            out.append(f"| {n} | " + " | ".join(cells) + " |")
+        ft = res.get("finetune")
+        if ft:
+            out.append(
+                f"\nFine-tuning the {ft['layers']} condensed layers of {ft['variant']} only "
+                f"({ft['trainable_parameters']:,} parameters, {ft['tokens']:,} calibration tokens, {ft['seconds']:.0f} s): "
+                f"dev ppl {ft['ppl_before']:.2f} → {ft['ppl_after']:.2f}, JS {ft['js_before']:.4f} → "
+                f"{ft['js_after']:.4f} ({100 * ft['recovered']:.0f}% of the perplexity gap recovered).\n"
+            )
+        search = res["searches"]
+        out.append("| search | wall s | layer-forwards | naive layer-forwards | naive s (est.) |")
+        out.append("|---|---|---|---|---|")
+        for v, s in search.items():
+            out.append(f"| {v} | {s['seconds']:.1f} | {s['layer_forwards']} | {s['naive_layer_forwards']} | "
+                       f"{s['naive_seconds_estimate']:.0f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def speed_table() -> str:
+    lines = ["| model | variant | bytes | decode ×, b=1 | decode ×, b=32 | bytes-read limit × | prefill ×, b=1 | "
+             "prefill ×, b=32 | decode tok/s b=1 / b=32 |", "|" + "---|" * 9]
+    for model in ("dsv2-lite", "qwen1.5-moe"):
+        r = _load(f"speed_{model}_h100.json")
+        if not r:
+            continue
+        for name, v in r["variants"].items():
+            c, s = v["vs_original"], v["speed"]
+            d = s["decode_tokens_per_s"]
+            lines.append(
+                f"| {model} | {name} | {100 * c['bytes_ratio']:.1f}% ({s['param_bytes']['total'] / 2**30:.1f} GiB) | "
+                f"{c['decode_speedup']['1']:.2f} | {c['decode_speedup']['32']:.2f} | "
+                f"{c['decode_bytes_limit_speedup']:.2f} | {c['prefill_speedup']['1']:.2f} | "
+                f"{c['prefill_speedup']['32']:.2f} | {d['1']:.1f} / {d['32']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def scale_table() -> str:
+    lines = ["| run | model bf16 | largest layer | activations (1 batch) | peak GPU | peak / (layer + act.) | "
+             "calibration tokens | wall s | disk wait s |", "|" + "---|" * 9]
+    for name in sorted(RESULTS.glob("scale_*.json")):
+        r = json.loads(name.read_text())
+        gib = 2**30
+        ratio = r.get("peak_over_layer_plus_activations")  # absent in runs that only timed calibration
+        act = f"{r['batch_activation_bytes'] / gib:.2f} GiB" if ratio else "—"
+        lines.append(
+            f"| {r['shape']} on {r['gpus']} × {r['device'].replace('NVIDIA ', '')} ({r['store_dtype']} on disk) | "
+            f"{r['model_bf16_bytes'] / gib:.1f} GiB | {r['largest_layer_bf16_bytes'] / gib:.2f} GiB | "
+            f"{act} | {r['peak_gpu_bytes'] / gib:.2f} GiB | {f'{ratio:.2f}' if ratio else '—'} | "
+            f"{r['calibration_tokens']:,} | {r['calibration_wall_s']:.1f} | {r.get('read_wait_s', 0):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    for title, table in (("expert pruning", pruning_table()), ("CD-MoE", cd_moe_table()),
+                         ("speed", speed_table()), ("scale", scale_table())):
+        print(f"### {title}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
