@@ -57,7 +57,8 @@ def cd_moe_table() -> str:
         rows = {(x["variant"], x["layers"]): x for x in res["rows"]}
         n_max = max(n for _, n in rows)
         out.append(f"**{m}** (original dev ppl {res['original']['ppl']:.2f})\n")
-        out.append("| layers | CD-MoE-S ppl / JS / bytes | CD-MoE-SR (k=2) ppl / JS / bytes | layer drop ppl / JS / bytes |")
+        out.append("| layers | CD-MoE-S ppl / JS / bytes | CD-MoE-SR (k=2) ppl / JS / bytes "
+                   "| layer drop ppl / JS / bytes |")
         out.append("|---|---|---|---|")
         for n in range(1, n_max + 1):
             cells = []
@@ -69,7 +70,8 @@ def cd_moe_table() -> str:
         if ft:
             out.append(
                 f"\nFine-tuning the {ft['layers']} condensed layers of {ft['variant']} only "
-                f"({ft['trainable_parameters']:,} parameters, {ft['tokens']:,} calibration tokens, {ft['seconds']:.0f} s): "
+                f"({ft['trainable_parameters']:,} parameters, {ft['tokens']:,} calibration tokens, "
+                f"{ft['seconds']:.0f} s): "
                 f"dev ppl {ft['ppl_before']:.2f} → {ft['ppl_after']:.2f}, JS {ft['js_before']:.4f} → "
                 f"{ft['js_after']:.4f} ({100 * ft['recovered']:.0f}% of the perplexity gap recovered).\n"
             )

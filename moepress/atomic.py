@@ -1,7 +1,14 @@
-"""Write a whole output folder or nothing: build it in a temporary sibling, then rename into place."""
+"""Write a whole output folder or nothing: build it in a temporary sibling, then rename into place.
+
+Temporary siblings are named `OUT.tmp-<pid>-<random>` (and `OUT.old-<pid>-<random>` while an existing
+output is replaced), so that a later run can tell the leftovers of a killed writer (SIGKILL, out of
+memory, power loss: no cleanup code runs) from a folder another live process is still writing.
+"""
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
 import shutil
 import uuid
@@ -10,6 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from moepress.errors import MoepressError
+
+
+class DiskFullError(MoepressError):
+    """The disk filled up while an output was written (and the partial folder was removed)."""
+
+    def __init__(self, out: Path):
+        super().__init__(f"disk full while writing {out}; free space and retry (nothing was written)")
 
 
 def check_output(out: str | Path, overwrite: bool = False, inputs: tuple[str | Path, ...] = ()) -> Path:
@@ -28,24 +42,52 @@ def check_output(out: str | Path, overwrite: bool = False, inputs: tuple[str | P
     return out
 
 
+def _sibling(out: Path, kind: str) -> Path:
+    return out.with_name(f"{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def remove_stale_siblings(out: Path) -> None:
+    """Delete `OUT.tmp-*` folders whose writer process no longer exists, and such `OUT.old-*` ones once
+    `OUT` exists (killed between its two renames, the old folder is the only complete copy left)."""
+    for kind in ("tmp", "old") if out.exists() else ("tmp",):
+        for p in out.parent.glob(f"{glob.escape(out.name)}.{kind}-*"):
+            pid = p.name[len(out.name) + len(kind) + 2:].split("-")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `out`, on any failure it is removed."""
     out = check_output(out, overwrite)
-    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    remove_stale_siblings(out)
+    tmp = _sibling(out, "tmp")
     tmp.mkdir()
     try:
         yield tmp
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == 28:  # ENOSPC
-            raise MoepressError(f"disk full while writing {out}; free space and retry (nothing was written)") from None
+        if err.errno == errno.ENOSPC:
+            raise DiskFullError(out) from None
         raise
+    except DiskFullError:  # from a writer nested in this one: name this (the user's) folder, not its temp
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskFullError(out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
-        old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
+        old = _sibling(out, "old")
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)

@@ -20,7 +20,7 @@ ModelArg = Annotated[str, typer.Argument(help="Hugging Face checkpoint folder (o
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow the checkpoint's own code")]
-PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="allow .bin weights (weights_only)")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="allow the original's .bin weights (weights_only)")]
 
 
 def _gib(n: int) -> str:
@@ -32,12 +32,14 @@ def inspect(
     model: ModelArg,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     trust_remote_code: RemoteOpt = False,
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Family, layers, MoE layers, experts, shared experts, routing, parameters and bytes by component."""
     from moepress.inspect import summarize
     from moepress.models.loading import load_model
 
-    m, _ = load_model(model, dtype="auto", device="cpu", trust_remote_code=trust_remote_code)
+    m, _ = load_model(model, dtype="auto", device="cpu", trust_remote_code=trust_remote_code,
+                      allow_pickle=allow_pickle)
     s = summarize(m)
     if json_out:
         print(json.dumps(s.to_dict(), indent=1))
@@ -68,6 +70,7 @@ def calibrate(
     trust_remote_code: RemoteOpt = False,
     stream: Annotated[bool, typer.Option(help="read one layer at a time from the shards")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from OUT.partial/")] = False,
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Collect per-expert statistics layer by layer; writes stats.safetensors + stats.json.
 
@@ -78,6 +81,7 @@ def calibrate(
     result = run_calibration(
         model, data, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
         out=out, overwrite=overwrite, trust_remote_code=trust_remote_code, stream=stream, resume=resume,
+        allow_pickle=allow_pickle,
     )
     from moepress.calibrate.distributed import world
 
@@ -106,6 +110,7 @@ NOpt = Annotated[int | None, typer.Option("-n", help="calibration sequences [128
 SeqOpt = Annotated[int | None, typer.Option(help="tokens per calibration sequence [512]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 RemoteHelp = "allow the checkpoint's own code"
+PickleHelp = "allow .bin weights (weights_only)"
 
 
 def _hp(items: list[str] | None) -> dict | None:
@@ -173,6 +178,7 @@ def plan(
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16")] = None,
     overwrite: bool = False,
     trust_remote_code: RemoteOpt = False,
+    allow_pickle: PickleOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Decide what to compress, change nothing: statistics (or a search on --data) → plan JSON."""
@@ -183,7 +189,7 @@ def plan(
     made = plan_for(
         model, method, stats=stats, data=data, ratio=ratio, layers=layers, experts=experts,
         memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
-        dtype=dtype, trust_remote_code=trust_remote_code or None, hp=_hp(hp),
+        dtype=dtype, trust_remote_code=trust_remote_code or None, allow_pickle=allow_pickle or None, hp=_hp(hp),
     )
     path = write_plan(made, out, overwrite)
     if json_out:
@@ -201,13 +207,14 @@ def apply(
     overwrite: bool = False,
     dtype: DtypeOpt = "auto",
     trust_remote_code: RemoteOpt = False,
+    allow_pickle: PickleOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Apply a plan to MODEL and write a verified checkpoint folder (never over the input)."""
     from moepress.compression import apply as apply_saved
 
     written = apply_saved(model, plan_file, out, overwrite=overwrite, dtype=dtype,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     _written(written, json_out)
 
 
@@ -231,6 +238,7 @@ def compress(
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16")] = None,
     overwrite: bool = False,
     trust_remote_code: Annotated[bool | None, typer.Option("--trust-remote-code", help=RemoteHelp)] = None,
+    allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle", help=PickleHelp)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Calibrate (cached), plan, apply and write in one go; OUT also gets the statistics, the resolved
@@ -240,7 +248,8 @@ def compress(
     written = run_compress(
         model, method, out, data=data, ratio=ratio, layers=layers, experts=experts,
         memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
-        dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code, hp=_hp(hp), recipe=recipe,
+        dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        hp=_hp(hp), recipe=recipe,
     )
     _written(written, json_out)
 
@@ -293,6 +302,7 @@ def eval_(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: RemoteOpt = False,
+    allow_pickle: PickleOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Perplexity, divergence to the original and zero-shot tasks: one table, both models side by side;
@@ -302,7 +312,7 @@ def eval_(
     result, written = evaluate_output(
         out, against, ppl, (tasks or "").split(","), task_data=task_data, task_limit=limit,
         max_tokens=max_tokens, batch_size=batch_size, device=device, dtype=dtype,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
     )
     if json_out:
         print(json.dumps(result, indent=1, default=str))
@@ -323,6 +333,7 @@ def bench(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: RemoteOpt = False,
+    allow_pickle: PickleOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Parameter bytes, prefill/decode tokens/s and peak memory, compressed against original, in this
@@ -337,7 +348,7 @@ def bench(
             raise MoepressError(f"--batch-sizes takes integers such as 1,32 (got {batch_sizes!r})") from None
     cmp, rows, written = bench_output(
         out, against, batch_sizes=sizes, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-        device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
     )
     if json_out:
         print(json.dumps({**cmp.to_dict(), "rows": [r.to_dict() for r in rows]}, indent=1, default=str))
@@ -440,29 +451,44 @@ def demo(
              console=console)
 
 
+def _cli_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, aborts) to catch: recent typer releases vendor their own click (`typer._click`),
+    whose exceptions are not click's, so a bad option would otherwise end in a traceback."""
+    import click
+
+    usage: list[type] = [click.exceptions.ClickException]
+    aborts: list[type] = [click.exceptions.Abort]
+    if hasattr(typer, "TyperException"):  # base of the vendored click's exceptions
+        usage.append(typer.TyperException)
+    if isinstance(getattr(typer, "Abort", None), type):
+        aborts.append(typer.Abort)
+    return tuple(usage), tuple(aborts)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
+    usage, aborts = _cli_exception_types()
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False: our exceptions reach us; typer then *returns* exit codes, such as 130
+        # for a KeyboardInterrupt it caught itself, instead of calling sys.exit
+        code = app(standalone_mode=False)
     except MoepressError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        sys.exit(130)
+        code = 130
     except (typer.Exit, SystemExit) as err:
         code = getattr(err, "exit_code", getattr(err, "code", 0))
+    except usage as err:  # unknown option, missing argument, ...
+        err.show()
+        sys.exit(2)
+    except aborts:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    if code == 130:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+    if isinstance(code, int) and code:
         sys.exit(code)
-    except Exception as err:  # click usage errors
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(2)
-        if isinstance(err, click.exceptions.Abort):
-            print("error: aborted", file=sys.stderr)
-            sys.exit(130)
-        raise
 
 
 if __name__ == "__main__":

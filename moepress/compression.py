@@ -59,6 +59,7 @@ def compress(
     dtype: str | None = None,
     overwrite: bool = False,
     trust_remote_code: bool | None = None,
+    allow_pickle: bool | None = None,
     hp: dict[str, Any] | None = None,
     recipe: str | Path | Recipe | None = None,
 ) -> Path:
@@ -73,13 +74,14 @@ def compress(
     when the same model, tokens, n and seq_len were calibrated before.
 
     With `recipe` (a YAML path or a Recipe) the model, data and methods come from the recipe; `out`,
-    `data`, `n`, `seq_len`, `seed`, `batch_size`, `device`, `dtype`, `trust_remote_code` and
-    `model_path` override it, and giving a method as well is an error.
+    `data`, `n`, `seq_len`, `seed`, `batch_size`, `device`, `dtype`, `trust_remote_code`,
+    `allow_pickle` (load `.bin` weights, with `weights_only=True`) and `model_path` override it,
+    and giving a method as well is an error.
     """
     r = build_recipe(
         model_path, method, out, data=data, ratio=ratio, layers=layers, experts=experts,
         memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
-        dtype=dtype, trust_remote_code=trust_remote_code, hp=hp, recipe=recipe,
+        dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, hp=hp, recipe=recipe,
     )
     return run_recipe(r, overwrite=overwrite)
 
@@ -101,6 +103,7 @@ def build_recipe(
     device: str | None = None,
     dtype: str | None = None,
     trust_remote_code: bool | None = None,
+    allow_pickle: bool | None = None,
     hp: dict[str, Any] | None = None,
     recipe: str | Path | Recipe | None = None,
     need_output: bool = True,
@@ -122,7 +125,7 @@ def build_recipe(
             if value is not None:
                 setattr(r.data, key, value)
         for key, value in (("batch_size", batch_size), ("device", device), ("dtype", dtype),
-                           ("trust_remote_code", trust_remote_code)):
+                           ("trust_remote_code", trust_remote_code), ("allow_pickle", allow_pickle)):
             if value is not None:
                 setattr(r, key, value)
     else:
@@ -134,7 +137,8 @@ def build_recipe(
         entry = MethodEntry(method=str(method), ratio=ratio, num_layers=layers, experts=experts,
                             memory_budget=memory_budget, hyperparameters=dict(hp or {}))
         settings = {k: v for k, v in (("batch_size", batch_size), ("device", device), ("dtype", dtype),
-                                      ("trust_remote_code", trust_remote_code)) if v is not None}
+                                      ("trust_remote_code", trust_remote_code), ("allow_pickle", allow_pickle))
+                    if v is not None}
         r = Recipe(model=local_or_name(model_path), data=spec, methods=[entry], **settings)
     if out is not None:
         r.output = str(Path(out).expanduser().resolve())
@@ -161,6 +165,7 @@ def plan_for(
     device: str | None = None,
     dtype: str | None = None,
     trust_remote_code: bool | None = None,
+    allow_pickle: bool | None = None,
     hp: dict[str, Any] | None = None,
 ):
     """The CompressionPlan `compress` would apply, without applying it (`moepress plan`).
@@ -183,7 +188,7 @@ def plan_for(
         if entry.method == "naee":
             raise MoepressError("naee reconstructs layer outputs: pass --data FILE, not --stats")
         if Path(model_path).exists() or str(model_path).startswith((".", "/", "~")):
-            check_checkpoint(model_path)  # the model is not loaded, but a wrong path is still an error
+            check_checkpoint(model_path, bool(allow_pickle))  # not loaded, but a wrong path is still an error
         loaded = CalibrationStats.load(stats)
         return get_method(entry.method)(loaded, entry.ratio, seed=seed or 0, **entry.hyperparameters)
     if data is None:
@@ -191,12 +196,13 @@ def plan_for(
     r = build_recipe(
         model_path, method, None, data=data, ratio=ratio, layers=layers, experts=experts,
         memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
-        dtype=dtype, trust_remote_code=trust_remote_code, hp=hp, need_output=False,
+        dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, hp=hp, need_output=False,
     )
     meta = meta_model(r)
     if meta is not None:
         check_against_model(r, meta)
-    model, tokenizer = load_model(r.model, dtype=r.dtype, device="cpu", trust_remote_code=r.trust_remote_code)
+    model, tokenizer = load_model(r.model, dtype=r.dtype, device="cpu", trust_remote_code=r.trust_remote_code,
+                                  allow_pickle=r.allow_pickle)
     return make_plan(model, tokenizer, r).plan
 
 
@@ -216,7 +222,7 @@ def meta_model(r: Recipe):
     from moepress.models.loading import check_checkpoint
 
     if Path(r.model).exists():
-        check_checkpoint(r.model)
+        check_checkpoint(r.model, r.allow_pickle)
     try:
         config = AutoConfig.from_pretrained(r.model, trust_remote_code=r.trust_remote_code)
         if getattr(config, "moepress_structure", None) is not None:
@@ -389,7 +395,8 @@ def run_recipe(r: Recipe, overwrite: bool = False) -> Path:
         del meta
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    model, tokenizer = load_model(r.model, dtype=r.dtype, device="cpu", trust_remote_code=r.trust_remote_code)
+    model, tokenizer = load_model(r.model, dtype=r.dtype, device="cpu", trust_remote_code=r.trust_remote_code,
+                                  allow_pickle=r.allow_pickle)
     seconds["load"] = time.perf_counter() - t
     result = make_plan(model, tokenizer, r, need_stats=True)
     seconds.update(result.seconds)
@@ -428,7 +435,7 @@ def write_checkpoint(model, plan, folder: Path, source: str | Path | None) -> No
 
 
 def apply(model_path: str | Path, plan: str | Path, out: str | Path, *, overwrite: bool = False,
-          dtype: str = "auto", trust_remote_code: bool = False) -> Path:
+          dtype: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
     """Apply a saved plan (a plan file, or an output folder holding one) to `model_path`; write `out`."""
     from moepress.atomic import check_output
     from moepress.io.save import PLAN_FILE, save_compressed
@@ -439,9 +446,10 @@ def apply(model_path: str | Path, plan: str | Path, out: str | Path, *, overwrit
     plan_path = Path(plan) / PLAN_FILE if Path(plan).is_dir() else Path(plan)
     out = check_output(out, overwrite, inputs=(model_path, plan_path))
     if Path(model_path).exists():
-        check_checkpoint(model_path)
+        check_checkpoint(model_path, allow_pickle)
     loaded = CompressionPlan.load(plan_path)
-    model, _ = load_model(model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    model, _ = load_model(model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code,
+                          allow_pickle=allow_pickle)
     apply_plan(model, loaded)
     source = model_path if Path(model_path).is_dir() else None
     return save_compressed(model, loaded, out, source=source, overwrite=overwrite)

@@ -28,7 +28,7 @@ def run_calibration(
     model_path: str, data: str, *, n: int = 128, seq_len: int = 512, seed: int = 0, batch_size: int = 8,
     device: str = "auto", dtype: str = "auto", out: str | Path | None = None, overwrite: bool = False,
     trust_remote_code: bool = False, keep_moe_inputs: int = 0, model_and_tokenizer=None,
-    stream: bool = False, resume: bool = False,
+    stream: bool = False, resume: bool = False, allow_pickle: bool = False,
 ) -> CalibrationResult:
     """Load the model and data, run the layer-by-layer calibration, and write the statistics.
 
@@ -55,7 +55,7 @@ def run_calibration(
         model, tokenizer = streamer.model, load_tokenizer(model_path)
     else:
         model, tokenizer = model_and_tokenizer or load_model(
-            model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code
+            model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
         )
     batch = calibration_tokens(model, tokenizer, data, n, seq_len, seed)
     meta = {

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from moepress.errors import MoepressError
 
 PLAN_VERSION = 1
+FIX_PLAN = "fix the plan file or re-run `moepress plan` on this model"
 
 
 class Keep(BaseModel):
@@ -173,27 +174,32 @@ class CompressionPlan(BaseModel):
         moe = set(adapter.moe_layer_ids(model))
         for i, a in self.layers.items():
             if not 0 <= i < n_layers:
-                raise MoepressError(f"plan: layer {i} does not exist (model has {n_layers} layers)")
+                raise MoepressError(
+                    f"plan: layer {i} does not exist (model has {n_layers} layers); {FIX_PLAN}"
+                )
             if isinstance(a, Keep):
                 continue
             if i not in moe:
-                raise MoepressError(f"plan: layer {i} is not an MoE layer; only MoE layers can be {a.action}ed")
+                raise MoepressError(
+                    f"plan: layer {i} is not an MoE layer; only MoE layers can be {a.action}ed; {FIX_PLAN}"
+                )
             block = adapter.block(i, adapter.layers(model)[i])
             ids = a.keep_experts + a.novices if isinstance(a, Prune) else getattr(a, "experts", [])
             bad = [e for e in ids if not 0 <= e < block.num_experts]
             if bad:
                 raise MoepressError(
-                    f"plan: layer {i} names experts {bad} out of range 0..{block.num_experts - 1}"
+                    f"plan: layer {i} names experts {bad} out of range 0..{block.num_experts - 1}; {FIX_PLAN}"
                 )
             if isinstance(a, Prune):
                 n_active = len(a.keep_experts) + len(a.novices)
                 if n_active < block.top_k:
                     raise MoepressError(
-                        f"plan: layer {i} keeps {n_active} experts but routes top-{block.top_k}; keep more"
+                        f"plan: layer {i} keeps {n_active} experts but routes top-{block.top_k}; keep at least "
+                        f"{block.top_k} experts there"
                     )
                 for e, v in self.novices(i).items():
                     if v.shape != (block.hidden_size,) or not torch.isfinite(v).all():
-                        raise MoepressError(f"plan: novice vector of layer {i} expert {e} is malformed")
+                        raise MoepressError(f"plan: novice vector of layer {i} expert {e} is malformed; {FIX_PLAN}")
 
 
 def sidecar_path(path: Path) -> Path:

@@ -227,6 +227,7 @@ class Recipe(BaseModel):
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # load pickle (.bin) weights, with torch.load(weights_only=True)
 
     @field_validator("data", mode="before")
     @classmethod

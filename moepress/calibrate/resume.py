@@ -46,7 +46,7 @@ def load_progress(folder: Path, data_fingerprint: str) -> tuple[int, Calibration
     state = json.loads(state_file.read_text())
     if state.get("data_fingerprint") != data_fingerprint:
         return None  # progress of another run: start over
-    saved = torch.load(folder / "hidden.pt", weights_only=False)
+    saved = torch.load(folder / "hidden.pt", weights_only=True)  # tensors, tuples, dicts only
     stats = CalibrationStats({})
     for d in sorted(folder.glob("layer_*")):
         stats.merge(CalibrationStats.load(d))

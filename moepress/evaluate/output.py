@@ -36,7 +36,8 @@ def write_json_into(folder: str | Path, name: str, data: Any) -> Path | None:
     return dest
 
 
-def _load_pair(out: str | Path, against: str | Path | None, device: str, dtype: str, trust_remote_code: bool):
+def _load_pair(out: str | Path, against: str | Path | None, device: str, dtype: str, trust_remote_code: bool,
+               allow_pickle: bool = False):
     from moepress.models.loading import load_model
 
     if against is not None and Path(against).exists() and Path(out).resolve() == Path(against).resolve():
@@ -44,7 +45,8 @@ def _load_pair(out: str | Path, against: str | Path | None, device: str, dtype: 
     compressed, tokenizer = load_model(out, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     original = None
     if against is not None:
-        original, _ = load_model(against, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        original, _ = load_model(against, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                 allow_pickle=allow_pickle)
     return compressed, original, tokenizer
 
 
@@ -62,6 +64,7 @@ def evaluate_output(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     write: bool = True,
 ) -> tuple[dict, Path | None]:
     """`evaluate_pair` on the folder `out` (and the original `against`): perplexity on the text file
@@ -78,7 +81,7 @@ def evaluate_output(
         raise MoepressError(f"perplexity text {ppl} does not exist; pass a .txt/.jsonl/.parquet file")
     if task_data is not None and not Path(task_data).is_dir():
         raise MoepressError(f"--task-data {task_data} is not a folder; it holds <task>.jsonl files")
-    compressed, original, tokenizer = _load_pair(out, against, device, dtype, trust_remote_code)
+    compressed, original, tokenizer = _load_pair(out, against, device, dtype, trust_remote_code, allow_pickle)
     ppl_ids = None if ppl is None else load_eval_ids(tokenizer, ppl, max_tokens=max_tokens)
     result = evaluate_pair(
         compressed, original, tokenizer, ppl_ids, tasks, window=window, max_tokens=max_tokens,
@@ -106,6 +109,7 @@ def bench_output(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     write: bool = True,
 ):
     """Prefill/decode speed, memory and bytes of `out` against `against`, in this process on one
@@ -114,7 +118,7 @@ def bench_output(
     from moepress.evaluate.report_table import comparison_rows
     from moepress.evaluate.speed import compare_speed
 
-    compressed, original, _ = _load_pair(out, against, device, dtype, trust_remote_code)
+    compressed, original, _ = _load_pair(out, against, device, dtype, trust_remote_code, allow_pickle)
     cpu = next(compressed.parameters()).device.type != "cuda"
     kwargs = dict(CPU_SPEED if cpu else GPU_SPEED)
     for key, value in (("batch_sizes", batch_sizes), ("prompt_len", prompt_len), ("new_tokens", new_tokens),

@@ -358,5 +358,6 @@ def get_adapter(model: nn.Module, require_moe: bool = True) -> Adapter:
             return adapter
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     raise MoepressError(
-        f"unsupported model family {model_type!r}; moepress supports: {', '.join(supported_families())}"
+        f"unsupported model family {model_type!r} (not a Mixture-of-Experts family moepress knows); give a "
+        f"checkpoint of one of: {', '.join(supported_families())}"
     )

@@ -4,6 +4,7 @@ transformers or torch raise from deep inside."""
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -117,13 +118,23 @@ def load_model(
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as err:
+        if local:
+            _unknown_model_type(Path(path))
         raise MoepressError(f"cannot read the config of {path}: {str(err).splitlines()[0][:160]}") from None
     except OSError:
         raise MoepressError(f"cannot find model {path} locally and the hub is unreachable") from None
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if allow_pickle:
-        kwargs["use_safetensors"] = None
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+        # a pickle can run code when unpickled; weights_only restricts it to tensors and plain containers
+        kwargs.update(use_safetensors=None, weights_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    except pickle.UnpicklingError as err:  # weights_only met something that is not a tensor: refuse it
+        why = next((line for line in str(err).splitlines() if "GLOBAL" in line), "not only tensors")
+        raise MoepressError(
+            f"the pickle weights of {path} hold more than tensors ({why.strip()[:120]}), so they were not "
+            "loaded; get a safetensors copy from a source you trust"
+        ) from None
     tokenizer = load_tokenizer(path)
     from moepress.models import get_adapter
 
@@ -132,8 +143,29 @@ def load_model(
     get_adapter(model, require_moe=not compressed)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
-            raise MoepressError(f"weight {name} of {path} holds NaN or inf; the checkpoint is damaged")
+            raise MoepressError(
+                f"weight {name} of {path} holds NaN or inf; the checkpoint is damaged: download it again"
+            )
     return model, tokenizer
+
+
+def _unknown_model_type(folder: Path) -> None:
+    """Raise the one-line error for a config.json whose model_type this transformers does not know
+    (its own ValueError is a paragraph that does not say what moepress can compress)."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    from moepress.models.base import supported_families
+
+    config = json.loads((folder / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type is None or model_type in CONFIG_MAPPING or "auto_map" in config:
+        return  # another problem (a remote-code config names its own model_type): the generic message
+    raise MoepressError(
+        f"{folder}/config.json names model_type {model_type!r}, which transformers {transformers.__version__} "
+        f"does not know; check model_type or upgrade transformers (moepress supports "
+        f"{', '.join(supported_families())})"
+    )
 
 
 def load_tokenizer(path: str | Path):
