@@ -15,7 +15,13 @@ checkpoint bytes (`io.sizes.predict_size`) come closest to CD-MoE-S's: a condens
 E routed experts, so k ≈ N·E / (MoE layers). CD-MoE-SR keeps 2 routed experts per condensed layer
 and so is slightly larger; layer drop also loses the shared experts and is slightly smaller. The
 table shows the bytes of each, so the comparison is read at the sizes actually reached. The default
-N is a third of the MoE layers, rounded, at least 1 (the demo model: 1 of 4... see `default_budget`).
+N is a third of the MoE layers, rounded, at least 1 (`default_budget`: 1 of the demo model's 4, 2 of
+a 7-MoE-layer model).
+
+Statistics (MoNE, frequency) come from all calibration sequences; the searches score their
+candidates on the first `Sizes.search_sequences` of them — all of them for the demo model, 8 of 32
+with `--model`, whose vocabulary makes every candidate's scoring (LM head and JS over the whole
+vocabulary) the search's main cost. Held-out text is only ever evaluated on, never calibrated on.
 
 The output folder `OUT/` (default `./moepress-demo`) belongs to the demo: it holds one checkpoint per
 method (`OUT/<method>/`, with `moepress_eval.json` and the calibration statistics in
@@ -34,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -54,16 +61,20 @@ SR_EXPERT_POOL = 16
 
 @dataclass(frozen=True)
 class Sizes:
-    """How much text each stage reads: calibration sequences × length, held-out tokens."""
+    """How much text each stage reads: calibration sequences × length (statistics), the first
+    `search_sequences` of them (the searches, which score every candidate with the LM head over the
+    whole vocabulary, so their cost grows with tokens × vocabulary), held-out tokens."""
 
     calib_sequences: int
     seq_len: int
     eval_tokens: int
+    search_sequences: int
 
 
-DEMO_SIZES = Sizes(calib_sequences=64, seq_len=128, eval_tokens=16_384)
-QUICK_SIZES = Sizes(calib_sequences=8, seq_len=64, eval_tokens=2_048)
-MODEL_SIZES = Sizes(calib_sequences=32, seq_len=256, eval_tokens=8_192)
+DEMO_SIZES = Sizes(calib_sequences=64, seq_len=128, eval_tokens=16_384, search_sequences=64)
+QUICK_SIZES = Sizes(calib_sequences=8, seq_len=64, eval_tokens=2_048, search_sequences=8)
+# --model: real vocabularies are large (8k-150k), so the searches score 8 of the 32 sequences
+MODEL_SIZES = Sizes(calib_sequences=32, seq_len=256, eval_tokens=8_192, search_sequences=8)
 
 
 def default_budget(moe_layers: int) -> int:
@@ -118,8 +129,11 @@ def run_demo(
                 "with --model, give calibration text with --data and held-out text with --eval-data "
                 "(e.g. --data calib.txt --eval-data dev.txt)"
             )
-    sizes = Sizes(calib_sequences or sizes.calib_sequences, seq_len or sizes.seq_len,
-                  eval_tokens or sizes.eval_tokens)
+    calib = calib_sequences or sizes.calib_sequences
+    sizes = Sizes(calib, seq_len or sizes.seq_len, eval_tokens or sizes.eval_tokens,
+                  min(calib, sizes.search_sequences))
+    if data is not None and eval_data is not None:
+        _check_heldout(data, eval_data)
     check_demo_output(out, overwrite, inputs=(Path(model),) if model is not None else ())
 
     trained = False
@@ -127,14 +141,26 @@ def run_demo(
         if model is None:
             settings = QUICK if quick else TrainSettings()
             console.print(f"[bold]demo model[/bold]: DeepSeek-V2-shaped MoE on the demo grammar's text "
-                          f"({settings.num_layers} layers, {settings.experts} experts top-{settings.top_k})")
+                          f"({settings.num_layers} layers, {settings.experts} experts top-{settings.top_k})",
+                          soft_wrap=True)
             demo = ensure_demo_model(settings, log=_training_log(console, settings.steps))
             trained = demo.trained
             said = "trained and cached in" if trained else "using the cached model in"
-            console.print(f"{said} {demo.path}")
+            console.print(f"{said} {demo.path}", soft_wrap=True)
             model, data, eval_data = demo.path, data or demo.train_text, eval_data or demo.heldout_text
+        _check_heldout(data, eval_data)
         return _compress_all(Path(model), out, budget, str(data), str(eval_data), sizes, seed, trained,
                              console)
+
+
+def _check_heldout(data: Path | str, eval_data: Path | str) -> None:
+    """The quality columns are on held-out text: refuse evaluating on the calibration file itself."""
+    a, b = Path(data).expanduser(), Path(eval_data).expanduser()
+    if str(data) == str(eval_data) or (a.is_file() and b.is_file() and a.samefile(b)):
+        raise MoepressError(
+            f"--eval-data {eval_data} is the calibration text (--data); give held-out text the model was "
+            "not calibrated on (e.g. --data calib.txt --eval-data dev.txt)"
+        )
 
 
 @contextmanager
@@ -178,13 +204,14 @@ def _compress_all(model_path: Path, out: Path, budget: int | None, data: str, ev
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(moe_layers):
         raise MoepressError(f"budget is a number of MoE layers, 1 to {len(moe_layers)}; got {budget!r}")
 
-    console.print(f"calibrating on {sizes.calib_sequences}×{sizes.seq_len} tokens of {data}")
+    console.print(f"calibrating on {sizes.calib_sequences}×{sizes.seq_len} tokens of {data}", soft_wrap=True)
     stats, _, batch = cached_calibration(model, tokenizer, data, sizes.calib_sequences, sizes.seq_len, seed,
                                          batch_size=8, device="cpu")
     eval_ids = load_eval_ids(tokenizer, eval_data, max_tokens=sizes.eval_tokens)
     window = min(sizes.seq_len, eval_ids.numel())
 
-    plans = _plans(model, stats, batch.input_ids, n, console)
+    search_ids = batch.input_ids[: sizes.search_sequences]
+    plans = _plans(model, stats, search_ids, n, console)
     original_bytes = size_of(model).bytes
     rows: list[dict] = []
     with atomic_dir(out, overwrite=True) as tmp:
@@ -214,8 +241,8 @@ def _compress_all(model_path: Path, out: Path, budget: int | None, data: str, ev
     _print_table(rows, console)
     best = min(rows[1:], key=lambda r: r["js"])
     where = best["report"] or f"{best['path']} (HTML reports need a moepress with `moepress.report`)"
-    console.print(f"closest to the original: [bold]{best['method']}[/bold]; report: {where}")
-    console.print(f"all results: {out}/ ({SUMMARY_FILE} holds this table)")
+    console.print(f"closest to the original: [bold]{best['method']}[/bold]; report: {where}", soft_wrap=True)
+    console.print(f"all results: {out}/ ({SUMMARY_FILE} holds this table)", soft_wrap=True)
     return rows
 
 
@@ -228,13 +255,14 @@ def _plans(model, stats, input_ids: torch.Tensor, n: int, console: Console) -> d
     plans = {}
     m = len(stats.layers)
     for name in SEARCH:
-        console.print(f"searching {name}: {n} of {m} MoE layers")
+        console.print(f"searching {name}: {n} of {m} MoE layers, scored on {input_ids.shape[0]}×{input_ids.shape[1]} "
+                      "calibration tokens")
         extra = {"experts": SR_EXPERTS, "expert_pool": SR_EXPERT_POOL} if name == "cd-moe-sr" else {}
         plan = get_search_method(name)(model, input_ids, layers=n, batch_size=8, device="cpu", **extra)
         where = ",".join(str(i) for i in sorted(plan.layers))
-        what = {"cd-moe-s": f"condense layer{'s' * (n > 1)} {where} → shared",
-                "cd-moe-sr": f"condense layer{'s' * (n > 1)} {where} → shared+{SR_EXPERTS}",
-                "layer-drop": f"drop layer{'s' * (n > 1)} {where}"}[name]
+        layers = f"layer{'s' * (n > 1)} {where}"
+        what = {"cd-moe-s": f"condense {layers} → shared", "cd-moe-sr": f"condense {layers} → shared+{SR_EXPERTS}",
+                "layer-drop": f"drop {layers}"}[name]
         plans[name] = (plan, what)
     target = predict_size(model, plans["cd-moe-s"][0]).bytes
     first = stats[min(stats.layers)]
@@ -256,7 +284,7 @@ def _describe(model) -> str:
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     b = next(iter(blocks.values()))
-    return f"{len(adapter.layers(model))} layers; {len(blocks)} MoE × {b.num_experts} experts, top-{b.top_k}"
+    return f"{len(blocks)} MoE × {b.num_experts} experts, top-{b.top_k}"
 
 
 def _row(method, setting, nbytes, original, ppl, js, top1, path, report) -> dict:
@@ -279,14 +307,16 @@ def _size(n: int) -> str:
 
 
 def _print_table(rows: list[dict], console: Console) -> None:
+    # borderless, one space between columns: fits an 80-column terminal (and CI logs) for the demo model
     table = Table(title="moepress demo: comparable sizes, quality on held-out text",
                   caption="size: % of the original's bytes; ppl: held-out perplexity; JS: Jensen-Shannon "
-                  "divergence to the original (nats/token); top-1: next-token agreement with the original")
+                  "divergence to the original (nats/token); top-1: next-token agreement with the original",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=0)
     table.add_column("method", no_wrap=True)
     table.add_column("setting")
     for name in ("bytes", "size", "ppl", "JS", "top-1"):
         table.add_column(name, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(r["method"], r["setting"], _size(r["bytes"]), f"{r['bytes_pct']:.1f}%",
-                      f"{r['ppl']:.2f}", f"{r['js']:.3g}", f"{100 * r['top1']:.1f}%")
+                      f"{r['ppl']:.2f}", f"{r['js']:.2e}" if r["js"] else "0", f"{100 * r['top1']:.1f}%")
     console.print(table)
