@@ -26,7 +26,6 @@ from moepress.recipe import RECIPE_FILE, DataSpec, MethodEntry, Recipe, format_l
 
 STATS_DIR = "moepress_stats"
 RUN_FILE = "moepress_run.json"
-NAEE_INPUTS = 512  # sampled token states per MoE layer that NAEE reconstructs
 # Plan metadata that differs between identical runs (wall time); moved to moepress_run.json.
 VOLATILE_METADATA = ("search_seconds",)
 
@@ -174,7 +173,7 @@ def plan_for(
     loaded) or calibrate on `data` (cached); search methods and naee run the model on `data`.
     """
     from moepress.calibrate.stats import CalibrationStats
-    from moepress.methods.base import get_method
+    from moepress.methods.base import get_method, method_layer_inputs
     from moepress.models.loading import check_checkpoint, load_model
 
     if stats is not None and data is not None:
@@ -185,8 +184,8 @@ def plan_for(
         entry.check()
         if entry.kind == "search":
             raise MoepressError(f"{entry.method} searches on the model: pass --data FILE, not --stats")
-        if entry.method == "naee":
-            raise MoepressError("naee reconstructs layer outputs: pass --data FILE, not --stats")
+        if method_layer_inputs(entry.method):
+            raise MoepressError(f"{entry.method} reconstructs layer outputs: pass --data FILE, not --stats")
         if Path(model_path).exists() or str(model_path).startswith((".", "/", "~")):
             check_checkpoint(model_path, bool(allow_pickle))  # not loaded, but a wrong path is still an error
         loaded = CalibrationStats.load(stats)
@@ -275,7 +274,7 @@ def make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False) -> PlanR
     original model and the same calibration tokens, and merge the decisions into one plan."""
     from moepress.calibrate.stats import CalibrationStats
     from moepress.io.sizes import predict_size, size_of
-    from moepress.methods.base import get_method
+    from moepress.methods.base import get_method, method_layer_inputs
     from moepress.methods.search_registry import get_search_method
     from moepress.models import get_adapter
     from moepress.models.loading import resolve_device
@@ -292,7 +291,7 @@ def make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False) -> PlanR
     t = time.perf_counter()
     moe_inputs: dict = {}
     if stats_entries or need_stats:
-        inputs = NAEE_INPUTS if any(r.methods[k].method == "naee" for k in stats_entries) else 0
+        inputs = max((method_layer_inputs(r.methods[k].method) for k in stats_entries), default=0)
         stats, moe_inputs, batch = cached_calibration(
             model, tokenizer, d.path, d.n, d.seq_len, d.seed, r.batch_size, device, keep_moe_inputs=inputs
         )
@@ -311,7 +310,7 @@ def make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False) -> PlanR
             layers={i: result.stats.layers[i] for i in ids}, meta=result.stats.meta
         )
         blocks = None
-        if e.method == "naee":
+        if method_layer_inputs(e.method):
             blocks = {i: b for i, b in adapter.blocks(model).items() if i in ids}
         plans[k] = get_method(e.method)(
             stats, e.ratio, seed=d.seed, blocks=blocks, moe_inputs=moe_inputs or None, **e.hyperparameters

@@ -52,11 +52,17 @@ class Selection:
 
 MethodFn = Callable[..., CompressionPlan]
 _METHODS: dict[str, MethodFn] = {}
+# sampled token states entering each MoE layer that a method reconstructs from (0: statistics only)
+_LAYER_INPUTS: dict[str, int] = {}
 
 
 # ---- registry ------------------------------------------------------------------------------------
-def register_method(name: str) -> Callable[[Callable[..., Selection]], MethodFn]:
-    """Register `fn` under `name`; the registered (and returned) callable produces a CompressionPlan."""
+def register_method(name: str, layer_inputs: int = 0) -> Callable[[Callable[..., Selection]], MethodFn]:
+    """Register `fn` under `name`; the registered (and returned) callable produces a CompressionPlan.
+
+    `layer_inputs` > 0: the method also needs that many sampled token states entering each MoE
+    layer (`moe_inputs`) and the live blocks (`blocks`), so it cannot run from saved statistics.
+    """
 
     def decorate(fn: Callable[..., Selection]) -> MethodFn:
         params = inspect.signature(fn).parameters
@@ -96,6 +102,7 @@ def register_method(name: str) -> Callable[[Callable[..., Selection]], MethodFn]
 
         run.hyperparameters = dict(defaults)  # type: ignore[attr-defined]
         _METHODS[name] = run
+        _LAYER_INPUTS[name] = layer_inputs
         return run
 
     return decorate
@@ -117,6 +124,12 @@ def available_methods() -> list[str]:
     """Names of the registered expert-pruning methods, sorted."""
     _load_all()
     return sorted(_METHODS)
+
+
+def method_layer_inputs(name: str) -> int:
+    """How many sampled MoE-layer inputs per layer method `name` needs (0: statistics suffice)."""
+    get_method(name)
+    return _LAYER_INPUTS[name]
 
 
 def get_method(name: str) -> MethodFn:

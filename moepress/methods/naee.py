@@ -35,6 +35,7 @@ from moepress.models.base import MoEBlock
 from moepress.progress import progress
 
 EXHAUSTIVE_LIMIT = 5000
+SAMPLED_INPUTS = 512  # token states entering each MoE layer that the reconstruction error is measured on
 
 
 class ReconstructionError:
@@ -127,7 +128,7 @@ def greedy(err: ReconstructionError, num_experts: int, n_prune: int) -> tuple[li
     return active, best_err
 
 
-@register_method("naee")
+@register_method("naee", layer_inputs=SAMPLED_INPUTS)
 def naee(
     stats: CalibrationStats,
     ratio: float,
