@@ -42,7 +42,8 @@ def check_output(out: str | Path, overwrite: bool = False, inputs: tuple[str | P
     return out
 
 
-def _sibling(out: Path, kind: str) -> Path:
+def sibling(out: Path, kind: str) -> Path:
+    """`OUT.<kind>-<pid>-<random>`: the pid lets a later run tell a dead writer's leftovers."""
     return out.with_name(f"{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
@@ -71,7 +72,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `out`, on any failure it is removed."""
     out = check_output(out, overwrite)
     remove_stale_siblings(out)
-    tmp = _sibling(out, "tmp")
+    tmp = sibling(out, "tmp")
     tmp.mkdir()
     try:
         yield tmp
@@ -87,7 +88,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
-        old = _sibling(out, "old")
+        old = sibling(out, "old")
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)

@@ -457,8 +457,8 @@ def apply(model_path: str | Path, plan: str | Path, out: str | Path, *, overwrit
 def write_plan(plan, path: str | Path, overwrite: bool = False) -> Path:
     """Save `plan` (JSON + novice sidecar) as `path`, both files or neither, refusing to overwrite."""
     import os
-    import uuid
 
+    from moepress.atomic import remove_stale_siblings, sibling
     from moepress.plan import sidecar_path
 
     path = Path(path).expanduser()
@@ -468,7 +468,8 @@ def write_plan(plan, path: str | Path, overwrite: bool = False) -> Path:
         raise MoepressError(f"plan file {path} already exists; pass --overwrite or choose another name")
     if not path.resolve().parent.is_dir():
         raise MoepressError(f"plan output's folder {path.resolve().parent} does not exist; create it first")
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    remove_stale_siblings(path)  # left by a writer that was killed
+    tmp = sibling(path, "tmp")
     tmp.mkdir()
     try:
         plan.save(tmp / path.name)
