@@ -43,7 +43,10 @@ class LazyCheckpoint:
                 with safe_open(shard, "pt") as f:
                     weight_map.update({k: shard.name for k in f.keys()})
         if not weight_map:
-            raise MoepressError(f"{self.folder} holds no safetensors weights")
+            raise MoepressError(
+                f"{self.folder} holds no safetensors weights; streaming reads safetensors only: convert the "
+                "checkpoint (load it and save_pretrained) or run without --stream"
+            )
         self.weight_map = weight_map
         self._stack = ExitStack()
         self._handles: dict[str, object] = {}
