@@ -209,12 +209,13 @@ def apply(
     trust_remote_code: RemoteOpt = False,
     allow_pickle: PickleOpt = False,
     json_out: JsonOpt = False,
+    stream: Annotated[bool, typer.Option(help="one decoder layer in memory at a time (larger than RAM)")] = False,
 ) -> None:
     """Apply a plan to MODEL and write a verified checkpoint folder (never over the input)."""
     from moepress.compression import apply as apply_saved
 
     written = apply_saved(model, plan_file, out, overwrite=overwrite, dtype=dtype,
-                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, stream=stream)
     _written(written, json_out)
 
 

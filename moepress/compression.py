@@ -401,6 +401,7 @@ def run_recipe(r: Recipe, overwrite: bool = False) -> Path:
     seconds.update(result.seconds)
     plan = result.plan
     t = time.perf_counter()
+    _to_stored_dtype(model, r.model)
     apply_plan(model, plan)
     seconds["apply"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -422,6 +423,21 @@ def run_recipe(r: Recipe, overwrite: bool = False) -> Path:
     return out
 
 
+def _to_stored_dtype(model, model_path: str | Path) -> None:
+    """Write in the dtype the source is stored in (planning may have run in float32)."""
+    from moepress.models.loading import stored_dtype
+
+    dtype = stored_dtype(model_path) if Path(model_path).is_dir() else None
+    if dtype is None or next(model.parameters()).dtype == dtype:
+        return
+    # parameters only: `model.to(dtype)` would also round the float32 rotary frequencies (buffers),
+    # which loading in that dtype keeps exact, and the written model would no longer match a reload
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    model.config.dtype = dtype
+
+
 def write_checkpoint(model, plan, folder: Path, source: str | Path | None) -> None:
     """`save_compressed` into `folder` (an existing, empty staging folder) so that more files can join
     the checkpoint before the whole folder is renamed into place."""
@@ -434,8 +450,11 @@ def write_checkpoint(model, plan, folder: Path, source: str | Path | None) -> No
 
 
 def apply(model_path: str | Path, plan: str | Path, out: str | Path, *, overwrite: bool = False,
-          dtype: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
-    """Apply a saved plan (a plan file, or an output folder holding one) to `model_path`; write `out`."""
+          dtype: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False,
+          stream: bool = False) -> Path:
+    """Apply a saved plan (a plan file, or an output folder holding one) to `model_path`; write `out`.
+
+    `stream`: read, compress and write one decoder layer at a time (models larger than memory)."""
     from moepress.atomic import check_output
     from moepress.io.save import PLAN_FILE, save_compressed
     from moepress.models.loading import check_checkpoint, load_model
@@ -447,8 +466,19 @@ def apply(model_path: str | Path, plan: str | Path, out: str | Path, *, overwrit
     if Path(model_path).exists():
         check_checkpoint(model_path, allow_pickle)
     loaded = CompressionPlan.load(plan_path)
+    if stream:
+        import torch
+
+        from moepress.io.stream_save import save_compressed_streaming
+        from moepress.models.loading import stored_dtype
+
+        if not Path(model_path).is_dir():
+            raise MoepressError(f"--stream reads a local checkpoint folder; {model_path} is not one")
+        return save_compressed_streaming(model_path, loaded, out, dtype=stored_dtype(model_path) or torch.bfloat16,
+                                         overwrite=overwrite, trust_remote_code=trust_remote_code)
     model, _ = load_model(model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code,
                           allow_pickle=allow_pickle)
+    _to_stored_dtype(model, model_path)
     apply_plan(model, loaded)
     source = model_path if Path(model_path).is_dir() else None
     return save_compressed(model, loaded, out, source=source, overwrite=overwrite)

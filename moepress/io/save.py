@@ -119,33 +119,41 @@ def save_compressed(
 
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        if remote:
-            _copy_remote_code(model, source, tmp)
-        if structure is not None:
-            (tmp / MODELING_FILE).write_text(modeling_source(structure, type(model.config)))
-            shutil.copyfile(Path(__file__).parents[1] / "modules" / "compressed.py", tmp / MODULES_FILE)
-        _finish_config(tmp / "config.json", structure)
-        if source is not None:
-            for name in TOKENIZER_FILES:
-                if (source / name).is_file():
-                    shutil.copyfile(source / name, tmp / name)
-        plan.save(tmp / PLAN_FILE)
-        params, nbytes = size_by_component(model, record.adapter)
-        manifest = Manifest(
-            moepress_version=moepress_version(),
-            source_fingerprint=record.fingerprint,
-            source_path=record.path,
-            plan_method=plan.method,
-            plain_architecture=structure is None,
-            params_before=record.params,
-            params_after=params,
-            bytes_before=record.bytes,
-            bytes_after=nbytes,
-        )
-        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=1) + "\n")
+        finish_folder(tmp, model, plan, source)
         if verify:
             verify_checkpoint(model, tmp, plain=structure is None and not remote, trust_remote_code=remote)
     return out
+
+
+def finish_folder(tmp: Path, model: nn.Module, plan: CompressionPlan, source: Path | None) -> None:
+    """Everything beside the weights: modeling files, config's auto_map, tokenizer, plan, manifest."""
+    record = model.moepress_source
+    structure = getattr(model.config, "moepress_structure", None)
+    remote = not type(model).__module__.startswith("transformers.")
+    if remote:
+        _copy_remote_code(model, source, tmp)
+    if structure is not None:
+        (tmp / MODELING_FILE).write_text(modeling_source(structure, type(model.config)))
+        shutil.copyfile(Path(__file__).parents[1] / "modules" / "compressed.py", tmp / MODULES_FILE)
+    _finish_config(tmp / "config.json", structure)
+    if source is not None:
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
+    plan.save(tmp / PLAN_FILE)
+    params, nbytes = size_by_component(model, record.adapter)
+    manifest = Manifest(
+        moepress_version=moepress_version(),
+        source_fingerprint=record.fingerprint,
+        source_path=record.path,
+        plan_method=plan.method,
+        plain_architecture=structure is None,
+        params_before=record.params,
+        params_after=params,
+        bytes_before=record.bytes,
+        bytes_after=nbytes,
+    )
+    (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=1) + "\n")
 
 
 def _finish_config(path: Path, structure: dict | None) -> None:

@@ -14,6 +14,19 @@ from moepress.errors import MoepressError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def stored_dtype(path: str | Path) -> torch.dtype | None:
+    """The floating dtype a local checkpoint's config says its weights are stored in (None: unknown).
+
+    Outputs are written in it: calibration and search run in float32 on CPU, but a bf16 model must
+    not come back as a float32 checkpoint larger than the original."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    cfg = json.loads(config.read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return DTYPES.get(name) if isinstance(name, str) else None
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
     """float32 on CPU (bf16 matmuls are slow there), the checkpoint's bf16 on accelerators."""
     if isinstance(dtype, torch.dtype):

@@ -60,6 +60,20 @@ class SourceRecord:
 def apply_plan(model: nn.Module, plan: CompressionPlan) -> nn.Module:
     """Compress `model` in place as `plan` says and return it. Raises MoepressError before any tensor
     moves when the plan does not fit the model."""
+    adapter, blocks, structure = prepare(model, plan)
+    record = source_record(model, adapter)
+    uniform = uniform_expert_count(model, plan, adapter)  # before any layer changes
+    layers = adapter.layers(model)
+    for idx in structure["layers"]:
+        i = int(idx)
+        rebuild_layer(model.config, structure, layers[i], blocks[i], plan, i)
+    finish_model(model, adapter, structure, record, uniform)
+    return model
+
+
+def prepare(model: nn.Module, plan: CompressionPlan) -> tuple[Adapter, dict[int, MoEBlock], dict[str, Any]]:
+    """Check `plan` against `model` (shapes only: works on a meta-device skeleton) and describe the
+    compressed structure; returns the adapter, the blocks the plan changes and the structure."""
     if getattr(model.config, "moepress_structure", None) is not None:
         raise MoepressError(
             "this model was already compressed (it carries a moepress structure); apply plans to the original"
@@ -70,40 +84,51 @@ def apply_plan(model: nn.Module, plan: CompressionPlan) -> nn.Module:
     blocks = {i: adapter.block(i, layers[i]) for i, a in plan.layers.items() if not isinstance(a, Keep)}
     for i, block in blocks.items():
         _check_fits(block, plan.action(i))
+    return adapter, blocks, describe(model, plan, adapter, blocks)
 
+
+def source_record(model: nn.Module, adapter: Adapter) -> SourceRecord:
+    """What the manifest says of the original, taken before any layer changes."""
     params, nbytes = size_by_component(model, adapter)
-    record = SourceRecord(
+    return SourceRecord(
         fingerprint=model_fingerprint(model),
         path=getattr(model.config, "_name_or_path", None) or None,
         params=params,
         bytes=nbytes,
         adapter=adapter,
     )
-    structure = describe(model, plan, adapter, blocks)
-    uniform = uniform_expert_count(model, plan, adapter)
-    with torch.no_grad():
-        for idx, spec in structure["layers"].items():
-            i = int(idx)
-            state = _layer_state(blocks[i], plan.action(i), plan.novices(i), structure)
-            with torch.device("meta"):
-                new = build_layer(model.config, structure, layers[i], spec)
-            for path, module in new.items():
-                module.load_state_dict(
-                    {k[len(path) + 1 :]: v for k, v in state.items() if k.startswith(path + ".")},
-                    strict=True,
-                    assign=True,
-                )
-                left = [n for n, t in module.state_dict(keep_vars=True).items() if t.is_meta]
-                if left:
-                    raise RuntimeError(f"layer {i}: {path} has tensors without weights: {left}")
-                layers[i].set_submodule(path, module)
 
+
+def finish_model(
+    model: nn.Module, adapter: Adapter, structure: dict[str, Any], record: SourceRecord, uniform: int | None
+) -> None:
+    """Once every changed layer is rebuilt: the config says what the checkpoint holds (`uniform`: the
+    routed-expert count when the result is expressible in the original architecture)."""
     if uniform is not None:
         setattr(model.config, adapter.num_experts_key, uniform)
     elif structure["layers"]:
         model.config.moepress_structure = structure
     model.moepress_source = record
-    return model
+
+
+@torch.no_grad()
+def rebuild_layer(
+    config, structure: dict[str, Any], layer: nn.Module, block: MoEBlock, plan: CompressionPlan, i: int
+) -> None:
+    """Replace decoder layer i's MLP pieces in place by their compressed form (`structure`'s entry)."""
+    state = _layer_state(block, plan.action(i), plan.novices(i), structure)
+    with torch.device("meta"):
+        new = build_layer(config, structure, layer, structure["layers"][str(i)])
+    for path, module in new.items():
+        module.load_state_dict(
+            {k[len(path) + 1 :]: v for k, v in state.items() if k.startswith(path + ".")},
+            strict=True,
+            assign=True,
+        )
+        left = [n for n, t in module.state_dict(keep_vars=True).items() if t.is_meta]
+        if left:
+            raise RuntimeError(f"layer {i}: {path} has tensors without weights: {left}")
+        layer.set_submodule(path, module)
 
 
 def uniform_expert_count(
