@@ -120,6 +120,65 @@ def forward_working_set(streamer: Streamer, ids: torch.Tensor, index: int, devic
     return work
 
 
+def first_experts_plan(source: Path):
+    """Keep the first 75% of routed experts of every MoE layer (needs no statistics)."""
+    from moepress.calibrate.streaming import build_skeleton
+    from moepress.plan import CompressionPlan, Prune
+
+    model, adapter = build_skeleton(source)
+    layers = adapter.layers(model)
+    keep = {i: adapter.block(i, layers[i]).num_experts * 3 // 4 for i in adapter.moe_layer_ids(model)}
+    return CompressionPlan(method="frequency", layers={i: Prune(keep_experts=list(range(k))) for i, k in keep.items()})
+
+
+def stream_write(source: Path, stats, out: Path, plan=None) -> dict:
+    """Plan a 25% frequency prune and write it with the streamed writer: wall time, output bytes and
+    peak host memory while writing, sampled from /proc: anonymous memory (what the process holds)
+    and total RSS (which also counts the memory-mapped shard pages, reclaimable page cache)."""
+    import shutil
+    import threading
+
+    from moepress.io.stream_save import save_compressed_streaming
+    from moepress.methods import get_method
+
+    shutil.rmtree(out, ignore_errors=True)
+    base = _anon_bytes()
+    plan = plan or get_method("frequency")(stats, 0.25)
+    peaks = {"RssAnon": 0, "VmRSS": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in peaks:
+                    peaks[key] = max(peaks[key], int(value.split()[0]) * 1024)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t = time.perf_counter()
+    save_compressed_streaming(source, plan, out, dtype=torch.bfloat16)
+    wall = time.perf_counter() - t
+    done.set()
+    sampler.join()
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"stream-wrote a 25% prune: {written / 2**30:.1f} GiB in {wall:.0f} s (anonymous memory before: "
+          f"{base / 2**30:.2f} GiB), peak host "
+          f"anonymous memory {peaks['RssAnon'] / 2**30:.2f} GiB (RSS incl. mapped shards "
+          f"{peaks['VmRSS'] / 2**30:.2f} GiB)", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"stream_write_s": wall, "stream_written_bytes": written,
+            "host_anon_bytes_before": base, "peak_host_anon_bytes": peaks["RssAnon"],
+            "peak_host_rss_bytes": peaks["VmRSS"]}
+
+
+def _anon_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="dsv2-lite")
@@ -131,6 +190,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--tag", default="", help="suffix of the result file name (e.g. the device kind)")
+    ap.add_argument("--write-out", type=Path, default=None,
+                    help="also prune 25%% of experts (frequency) and stream-write the output here (rank 0)")
+    ap.add_argument("--write-first", action="store_true",
+                    help="with --write-out: stream-write a statistics-free 25%% prune before calibrating, "
+                         "so the writer's host memory is measured in a process that has done nothing else")
     args = ap.parse_args()
 
     rank, world = distributed.world()
@@ -143,6 +207,10 @@ def main() -> None:
         print(f"wrote {args.shape}: {info['parameters'] / 1e9:.2f}B parameters in {info['write_s']:.0f}s", flush=True)
     if world > 1:
         torch.distributed.barrier()
+    first = {}
+    if rank == 0 and args.write_out is not None and args.write_first:
+        first = {f"first_{k}": v for k, v in stream_write(args.dir, None, args.write_out,
+                                                          first_experts_plan(args.dir)).items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     streamer = Streamer(args.dir, device, torch.bfloat16)
@@ -177,6 +245,9 @@ def main() -> None:
         "moe_layers": len(stats.layers),
         **info,
     }
+    if rank == 0 and args.write_out is not None:
+        row.update(first)
+        row.update(stream_write(args.dir, stats, args.write_out))
     if rank == 0:
         gib = 2**30
         print("| shape | GPUs | model bf16 | largest layer | batch activations | peak GPU | peak/(layer+act) "

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from transformers.modeling_utils import revert_weight_conversion
 
 from moepress.atomic import atomic_dir, check_output
-from moepress.calibrate.streaming import Streamer
+from moepress.calibrate.streaming import Streamer, release
 from moepress.errors import MoepressError
 from moepress.io.save import finish_folder
 from moepress.plan import CompressionPlan
@@ -47,7 +47,8 @@ def save_compressed_streaming(
     try:
         model = streamer.model
         model.config._name_or_path = str(source)
-        adapter, _, structure = prepare(model, plan)
+        adapter, blocks, structure = prepare(model, plan)
+        del blocks  # they reference the original experts modules, which must be freed layer by layer
         record = source_record(model, adapter)
         uniform = uniform_expert_count(model, plan, adapter)
         with atomic_dir(out, overwrite) as tmp:
@@ -55,6 +56,7 @@ def save_compressed_streaming(
             total = len(streamer.layers) + 1
             for i, layer in enumerate(streamer.layers):
                 layer = streamer.load_layer(i)
+                replaced = list(layer.modules())  # the modules rebuilding may swap out of the layer
                 if str(i) in structure["layers"]:
                     rebuild_layer(model.config, structure, layer, adapter.block(i, layer), plan, i)
                 state = {f"{streamer.prefixes[i]}.{k}": v for k, v in layer.state_dict().items()}
@@ -62,6 +64,8 @@ def save_compressed_streaming(
                 state = revert_weight_conversion(model, state)
                 _write_shard(tmp, f"model-{i + 1:05d}-of-{total:05d}.safetensors", state, weight_map)
                 streamer.release_layer(i)
+                for module in replaced:
+                    release(module)
             in_layers = tuple(f"{p}." for p in streamer.prefixes)
             rest_all = {k: v for k, v in model.state_dict().items() if not k.startswith(in_layers)}
             rest = revert_weight_conversion(model, _untied(rest_all))
