@@ -236,8 +236,9 @@ def check_against_model(r: Recipe, model) -> list[list[int]]:
     """The layers of each entry; one-line errors for layers, ratios and budgets the model cannot take."""
     from moepress.io.sizes import predict_size, size_of
     from moepress.methods.base import experts_to_prune
+    from moepress.methods.search_registry import search_layer_change
     from moepress.models import get_adapter
-    from moepress.plan import CompressionPlan, Condense, Drop, Prune
+    from moepress.plan import CompressionPlan, Prune
 
     adapter = get_adapter(model)
     entry_layers = r.entry_layers(adapter.moe_layer_ids(model))
@@ -251,11 +252,8 @@ def check_against_model(r: Recipe, model) -> list[list[int]]:
                     continue  # one budget over all layers: the method checks it
                 gone = experts_to_prune(block.num_experts, block.top_k, entry.ratio)
                 lowest[i] = Prune(keep_experts=list(range(block.num_experts - gone)))
-            elif entry.method == "layer-drop":
-                lowest[i] = Drop()
             else:
-                k = min(entry.experts or 0, block.num_experts)
-                lowest[i] = Condense(experts=list(range(k)), weights=[1.0] * k)
+                lowest[i] = search_layer_change(entry.method, min(entry.experts or 0, block.num_experts))
     budgets = [e.memory_budget for e in r.methods if e.memory_budget is not None]
     if budgets:
         original = size_of(model).bytes

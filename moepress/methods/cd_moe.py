@@ -65,7 +65,7 @@ from moepress.methods.greedy_search import (
     naive_layer_forwards,
 )
 from moepress.methods.scoring import METRICS, Metric
-from moepress.methods.search_registry import register_search_method
+from moepress.methods.search_registry import dropped, register_search_method
 from moepress.models import get_adapter
 from moepress.plan import CompressionPlan, Condense, Drop, LayerAction, model_fingerprint
 from moepress.progress import progress
@@ -328,7 +328,7 @@ def cd_moe_s(
     )
 
 
-@register_search_method("layer-drop")
+@register_search_method("layer-drop", layer_change=dropped)
 def layer_drop(
     model: nn.Module,
     input_ids: torch.Tensor,
