@@ -296,6 +296,7 @@ def eval_(
     against: Annotated[str | None, typer.Option(help="the original model, evaluated side by side")] = None,
     ppl: Annotated[str | None, typer.Option(help="perplexity text (.txt/.jsonl/.parquet)")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated, e.g. piqa,hellaswag,arc_easy")] = None,
+    task_set: Annotated[str | None, typer.Option(help="a paper's whole task set and its average: cd-moe, mone")] = None,
     task_data: Annotated[Path | None, typer.Option(help="folder of <task>.jsonl files")] = None,
     limit: Annotated[int | None, typer.Option(help="examples per task (quick runs)")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="perplexity tokens to read [all]")] = None,
@@ -309,9 +310,11 @@ def eval_(
     """Perplexity, divergence to the original and zero-shot tasks: one table, both models side by side;
     also written to OUT/moepress_eval.json."""
     from moepress.evaluate.output import evaluate_output
+    from moepress.preflight import check_inputs
 
+    check_inputs(models=(out, against), texts=(ppl,), allow_pickle=allow_pickle)  # before any weight is read
     result, written = evaluate_output(
-        out, against, ppl, (tasks or "").split(","), task_data=task_data, task_limit=limit,
+        out, against, ppl, (tasks or "").split(","), task_data=task_data, task_limit=limit, task_set=task_set,
         max_tokens=max_tokens, batch_size=batch_size, device=device, dtype=dtype,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
     )
@@ -319,6 +322,10 @@ def eval_(
         print(json.dumps(result, indent=1, default=str))
         return
     console.print(_rows_table(result["rows"], f"{out} vs {against or '(no original)'}"))
+    if result.get("task_set"):
+        from moepress.evaluate.task_sets import task_set as task_set_named
+
+        console.print(f"{task_set} average, as the paper takes it: {task_set_named(task_set).metric_summary()}")
     if written:
         console.print(f"wrote {written}")
 
@@ -340,7 +347,9 @@ def bench(
     """Parameter bytes, prefill/decode tokens/s and peak memory, compressed against original, in this
     process on one device; also written to OUT/moepress_bench.json."""
     from moepress.evaluate.output import bench_output
+    from moepress.preflight import check_inputs
 
+    check_inputs(models=(out, against), allow_pickle=allow_pickle)  # before any weight is read
     sizes = None
     if batch_sizes:
         try:
@@ -372,9 +381,12 @@ def finetune(
     tokens: Annotated[str, typer.Option(help="training tokens: 2M, 500k, 2000000")] = "2M",
     eval_data: Annotated[str | None, typer.Option(help="held-out text for perplexity before/after")] = None,
     eval_tokens: Annotated[str, typer.Option(help="held-out tokens to score")] = "64k",
-    seq_len: int = 512,
-    lr: float = 1e-4,
-    batch_size: int = 8,
+    recipe: Annotated[str, typer.Option(help="reference (CD-MoE's: lr 1e-5, linear decay, fixed weights kept "
+                                             "outside the experts) or fast (lr 1e-4, cosine)")] = "reference",
+    sft: Annotated[Path | None, typer.Option(help="prompt/answer .jsonl for a second, supervised stage")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="training sequence length [recipe's: 256 / 512]")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate [recipe's: 1e-5 / 1e-4]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="sequences per step [recipe's: 8]")] = None,
     seed: int = 0,
     gradient_checkpointing: bool = False,
     device: DeviceOpt = "auto",
@@ -383,13 +395,15 @@ def finetune(
     trust_remote_code: RemoteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train only the condensed layers of OUT for a token budget; write a new output folder."""
+    """Train only the condensed layers of OUT for a token budget (then on --sft pairs); write a new output folder."""
     from moepress.finetune.output import finetune_output
+    from moepress.preflight import check_inputs
 
+    check_inputs(models=(out,), texts=(data, eval_data))  # before any weight is read
     written, result = finetune_output(
-        out, data, tokens, dest, eval_data=eval_data, eval_tokens=eval_tokens, seq_len=seq_len, lr=lr,
-        batch_size=batch_size, seed=seed, gradient_checkpointing=gradient_checkpointing, device=device,
-        dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code,
+        out, data, tokens, dest, eval_data=eval_data, eval_tokens=eval_tokens, recipe=recipe, sft=sft,
+        seq_len=seq_len, lr=lr, batch_size=batch_size, seed=seed, gradient_checkpointing=gradient_checkpointing,
+        device=device, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code,
     )
     if json_out:
         print(json.dumps({"output": str(written), **result.to_dict()}, indent=1))
@@ -397,8 +411,10 @@ def finetune(
     ppl = ""
     if result.ppl_before is not None:
         ppl = f"; held-out perplexity {result.ppl_before:.3f} → {result.ppl_after:.3f}"
-    console.print(f"fine-tuned layers {result.layers} ({result.trainable_parameters:,} parameters) for "
-                  f"{result.steps} steps, {result.tokens:,} tokens, {result.seconds:.1f} s{ppl} "
+    sft_steps = f" + {result.sft_steps} SFT steps" if result.sft_steps else ""
+    console.print(f"fine-tuned ({result.recipe} recipe) layers {result.layers} ({result.trainable_parameters:,} "
+                  f"parameters) for {result.steps} steps{sft_steps}, {result.tokens:,} tokens, "
+                  f"{result.seconds:.1f} s{ppl} "
                   f"→ [bold]{written}[/bold]", soft_wrap=True)
 
 
@@ -447,7 +463,9 @@ def demo(
     ~/.cache/moepress/demo (or $MOEPRESS_CACHE/demo).
     """
     from moepress.demo.run import run_demo
+    from moepress.preflight import check_inputs
 
+    check_inputs(models=(model,), texts=(data, eval_data))  # before any weight is read
     run_demo(model, out, budget=budget, data=data, eval_data=eval_data, overwrite=overwrite, quick=quick,
              console=console)
 

@@ -197,12 +197,10 @@ def plan_for(
         memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
         dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, hp=hp, need_output=False,
     )
-    meta = meta_model(r)
-    if meta is not None:
-        check_against_model(r, meta)
-    model, tokenizer = load_model(r.model, dtype=r.dtype, device="cpu", trust_remote_code=r.trust_remote_code,
-                                  allow_pickle=r.allow_pickle)
-    return make_plan(model, tokenizer, r).plan
+    tokenizer, batches = preflight(r)
+    model, _ = load_model(r.model, dtype=r.dtype, device="cpu", trust_remote_code=r.trust_remote_code,
+                          allow_pickle=r.allow_pickle)
+    return make_plan(model, tokenizer, r, batches=batches).plan
 
 
 def local_or_name(value: str | Path) -> str:
@@ -213,23 +211,46 @@ def local_or_name(value: str | Path) -> str:
 
 # ---- checks against the model ------------------------------------------------------------------------
 def meta_model(r: Recipe):
-    """An empty copy of the model (no weights: "meta" tensors) to check a recipe against, or None when
-    one cannot be built from the config alone (the real load then reports the problem)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """An empty copy of the recipe's model (no weights: "meta" tensors) to check the recipe against, or
+    None when one cannot be built from the config alone (the real load then reports the problem)."""
+    from moepress.preflight import meta_model as empty_model
 
-    from moepress.models.loading import check_checkpoint
+    return empty_model(r.model, r.trust_remote_code, r.allow_pickle)
 
-    if Path(r.model).exists():
-        check_checkpoint(r.model, r.allow_pickle)
-    try:
-        config = AutoConfig.from_pretrained(r.model, trust_remote_code=r.trust_remote_code)
-        if getattr(config, "moepress_structure", None) is not None:
-            return None  # a compressed output: apply_plan refuses it after loading, with a clear message
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=r.trust_remote_code)
-    except Exception:  # noqa: BLE001 - anything the config cannot tell is checked after the real load
-        return None
+
+def preflight(r: Recipe, *, need_stats: bool = False):
+    """Everything the inputs decide, before any weight is read: the checkpoint folder and its family,
+    the recipe against the model's layers and experts (on an empty copy), then the calibration tokens
+    from the tokenizer alone. Returns (tokenizer, batches) for `make_plan`, so nothing is tokenised twice."""
+    from moepress.models.loading import load_tokenizer
+    from moepress.preflight import check_text, max_position
+
+    check_text(r.data.path)  # present, UTF-8, not empty: the cheapest check first
+    meta = meta_model(r)
+    if meta is not None:
+        check_against_model(r, meta)
+        del meta
+    tokenizer = load_tokenizer(r.model)
+    return tokenizer, recipe_batches(tokenizer, r, need_stats=need_stats, max_position=max_position(r.model))
+
+
+def recipe_batches(tokenizer, r: Recipe, *, need_stats: bool = False, max_position: int | None = None) -> dict:
+    """The calibration tokens a run uses, by layout: "windows" (packed windows: statistics, and searches
+    with `layout: windows`) and "documents" (searches with `layout: documents`). Made from the tokenizer
+    alone, so too little or unreadable text fails before the model loads."""
+    from moepress.data import load_documents, load_tokens
+
+    d = r.data
+    stats = need_stats or any(e.kind == "stats" for e in r.methods)
+    # a recipe that mixes statistics and search methods gives every entry the same windows, so the
+    # merged plan describes one calibration set
+    documents = d.layout == "documents" and all(e.kind == "search" for e in r.methods)
+    out = {}
+    if stats or not documents:
+        out["windows"] = load_tokens(tokenizer, d.path, d.n, d.seq_len, d.seed, max_position=max_position)
+    if documents:
+        out["documents"] = load_documents(tokenizer, d.path, d.n, d.seq_len, d.seed, max_position=max_position)
+    return out
 
 
 def check_against_model(r: Recipe, model) -> list[list[int]]:
@@ -239,12 +260,15 @@ def check_against_model(r: Recipe, model) -> list[list[int]]:
     from moepress.methods.search_registry import search_layer_change
     from moepress.models import get_adapter
     from moepress.plan import CompressionPlan, Prune
+    from moepress.preflight import check_experts
+    from moepress.recipe import keeps_top_k
 
     adapter = get_adapter(model)
     entry_layers = r.entry_layers(adapter.moe_layer_ids(model))
     decoder = adapter.layers(model)
     lowest: dict[int, Any] = {}  # the smallest each layer can become, for the budget check
     for entry, ids in zip(r.methods, entry_layers, strict=True):
+        check_experts(entry.method, entry.experts, [adapter.block(i, decoder[i]) for i in ids])
         for i in ids:
             block = adapter.block(i, decoder[i])
             if entry.kind == "stats":
@@ -253,7 +277,8 @@ def check_against_model(r: Recipe, model) -> list[list[int]]:
                 gone = experts_to_prune(block.num_experts, block.top_k, entry.ratio)
                 lowest[i] = Prune(keep_experts=list(range(block.num_experts - gone)))
             else:
-                lowest[i] = search_layer_change(entry.method, min(entry.experts or 0, block.num_experts))
+                k = entry.experts if entry.experts is not None else keeps_top_k(entry.method) * block.top_k
+                lowest[i] = search_layer_change(entry.method, min(k, block.num_experts))
     budgets = [e.memory_budget for e in r.methods if e.memory_budget is not None]
     if budgets:
         original = size_of(model).bytes
@@ -267,16 +292,18 @@ def check_against_model(r: Recipe, model) -> list[list[int]]:
 
 
 # ---- planning ----------------------------------------------------------------------------------------
-def make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False) -> PlanResult:
+def make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False, batches: dict | None = None) -> PlanResult:
     """Calibrate (cached) when a statistics method needs it or `need_stats`, run every entry on the
-    original model and the same calibration tokens, and merge the decisions into one plan."""
+    original model and the same calibration tokens, and merge the decisions into one plan.
+
+    `batches`: the calibration tokens `preflight` already made (else tokenised here)."""
     from moepress.calibrate.stats import CalibrationStats
     from moepress.io.sizes import predict_size, size_of
     from moepress.methods.base import get_method, method_layer_inputs
     from moepress.methods.search_registry import get_search_method
     from moepress.models import get_adapter
     from moepress.models.loading import resolve_device
-    from moepress.pipeline import cached_calibration, calibration_tokens
+    from moepress.pipeline import cached_calibration, max_positions
 
     entry_layers = check_against_model(r, model)
     adapter = get_adapter(model)
@@ -287,16 +314,19 @@ def make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False) -> PlanR
     stats_entries = [k for k, e in enumerate(r.methods) if e.kind == "stats"]
     search_entries = [k for k, e in enumerate(r.methods) if e.kind == "search"]
     t = time.perf_counter()
+    if batches is None:
+        batches = recipe_batches(tokenizer, r, need_stats=need_stats, max_position=max_positions(model))
     moe_inputs: dict = {}
     if stats_entries or need_stats:
         inputs = max((method_layer_inputs(r.methods[k].method) for k in stats_entries), default=0)
         stats, moe_inputs, batch = cached_calibration(
-            model, tokenizer, d.path, d.n, d.seq_len, d.seed, r.batch_size, device, keep_moe_inputs=inputs
+            model, tokenizer, d.path, d.n, d.seq_len, d.seed, r.batch_size, device, keep_moe_inputs=inputs,
+            batch=batches["windows"],
         )
         stats.meta.update(model=r.model, data=d.path)
         result.stats = stats
-    else:
-        batch = calibration_tokens(model, tokenizer, d.path, d.n, d.seq_len, d.seed)
+    # the searches' tokens: documents, or the statistics' windows (`recipe_batches`)
+    batch = batches.get("documents", batches.get("windows"))
     result.seconds["calibration"] = time.perf_counter() - t
 
     plans: dict[int, Any] = {}
@@ -386,16 +416,13 @@ def run_recipe(r: Recipe, overwrite: bool = False) -> Path:
     from moepress.surgery import apply_plan
 
     out = check_output(r.output, overwrite, inputs=(r.model, r.data.path))
-    meta = meta_model(r)
-    if meta is not None:
-        check_against_model(r, meta)
-        del meta
+    tokenizer, batches = preflight(r, need_stats=True)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    model, tokenizer = load_model(r.model, dtype=r.dtype, device="cpu", trust_remote_code=r.trust_remote_code,
-                                  allow_pickle=r.allow_pickle)
+    model, _ = load_model(r.model, dtype=r.dtype, device="cpu", trust_remote_code=r.trust_remote_code,
+                          allow_pickle=r.allow_pickle)
     seconds["load"] = time.perf_counter() - t
-    result = make_plan(model, tokenizer, r, need_stats=True)
+    result = make_plan(model, tokenizer, r, need_stats=True, batches=batches)
     seconds.update(result.seconds)
     plan = result.plan
     t = time.perf_counter()
@@ -455,15 +482,20 @@ def apply(model_path: str | Path, plan: str | Path, out: str | Path, *, overwrit
     `stream`: read, compress and write one decoder layer at a time (models larger than memory)."""
     from moepress.atomic import check_output
     from moepress.io.save import PLAN_FILE, save_compressed
-    from moepress.models.loading import check_checkpoint, load_model
+    from moepress.models.loading import load_model
     from moepress.plan import CompressionPlan
+    from moepress.preflight import check_plan
+    from moepress.preflight import meta_model as empty_model
     from moepress.surgery import apply_plan
 
     plan_path = Path(plan) / PLAN_FILE if Path(plan).is_dir() else Path(plan)
     out = check_output(out, overwrite, inputs=(model_path, plan_path))
-    if Path(model_path).exists():
-        check_checkpoint(model_path, allow_pickle)
+    # the plan against the model's layers and experts, on an empty copy: before any weight is read
+    meta = empty_model(model_path, trust_remote_code, allow_pickle)
     loaded = CompressionPlan.load(plan_path)
+    if meta is not None:
+        check_plan(loaded, meta)
+        del meta
     if stream:
         import torch
 

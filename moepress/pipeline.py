@@ -10,7 +10,7 @@ from pathlib import Path
 from moepress.atomic import atomic_dir, check_output
 from moepress.calibrate import CalibrationResult, calibrate
 from moepress.calibrate.stats import CalibrationStats
-from moepress.data import load_tokens
+from moepress.data import load_documents, load_tokens
 from moepress.errors import MoepressError
 from moepress.models.loading import load_model
 from moepress.plan import model_fingerprint
@@ -22,6 +22,11 @@ def max_positions(model) -> int | None:
 
 def calibration_tokens(model, tokenizer, data: str, n: int, seq_len: int, seed: int = 0):
     return load_tokens(tokenizer, data, n, seq_len, seed, max_position=max_positions(model))
+
+
+def calibration_documents(model, tokenizer, data: str, n: int, seq_len: int, seed: int = 0):
+    """Separate BOS-first documents (the CD-MoE reference's calibration; `moepress.data.documents`)."""
+    return load_documents(tokenizer, data, n, seq_len, seed, max_position=max_positions(model))
 
 
 def run_calibration(
@@ -38,7 +43,7 @@ def run_calibration(
     """
     from moepress.calibrate import distributed
     from moepress.calibrate.resume import calibrate_resumable, finish
-    from moepress.models.loading import check_checkpoint, load_tokenizer, resolve_device, resolve_dtype
+    from moepress.models.loading import resolve_device, resolve_dtype
 
     if n <= 0:
         raise MoepressError(f"-n must be positive (got {n}); use -n 128 for example")
@@ -47,17 +52,24 @@ def run_calibration(
         check_output(out, overwrite or resume, inputs=(model_path,))
     dev = distributed.init_if_needed() or resolve_device(device)
     streamer = None
-    if stream:
-        from moepress.calibrate.streaming import Streamer
-
-        check_checkpoint(model_path)
-        streamer = Streamer(model_path, dev, resolve_dtype(dtype, dev), trust_remote_code)
-        model, tokenizer = streamer.model, load_tokenizer(model_path)
+    if model_and_tokenizer is not None and not stream:
+        model, tokenizer = model_and_tokenizer
+        batch = calibration_tokens(model, tokenizer, data, n, seq_len, seed)
     else:
-        model, tokenizer = model_and_tokenizer or load_model(
-            model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
-        )
-    batch = calibration_tokens(model, tokenizer, data, n, seq_len, seed)
+        from moepress.preflight import calibration_batch, check_text, meta_model
+
+        # what the inputs decide (data, folder, family, token count) before any weight is read
+        check_text(data)
+        meta_model(model_path, trust_remote_code, allow_pickle)
+        tokenizer, batch = calibration_batch(model_path, data, n, seq_len, seed)
+        if stream:
+            from moepress.calibrate.streaming import Streamer
+
+            streamer = Streamer(model_path, dev, resolve_dtype(dtype, dev), trust_remote_code)
+            model = streamer.model
+        else:
+            model, _ = load_model(model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code,
+                                  allow_pickle=allow_pickle)
     meta = {
         "model": str(model_path),
         "model_fingerprint": None if stream else model_fingerprint(model),
@@ -95,11 +107,13 @@ def stats_cache_dir(model, data_fingerprint: str, n: int, seq_len: int) -> Path:
 
 
 def cached_calibration(model, tokenizer, data: str, n: int, seq_len: int, seed: int, batch_size: int,
-                       device, keep_moe_inputs: int = 0) -> tuple[CalibrationStats, dict, object]:
-    """Statistics from the cache when the same model+data were calibrated before, else computed."""
+                       device, keep_moe_inputs: int = 0, batch=None) -> tuple[CalibrationStats, dict, object]:
+    """Statistics from the cache when the same model+data were calibrated before, else computed.
+    `batch`: the calibration tokens when already made (`moepress.preflight`), else tokenised here."""
     import torch
 
-    batch = calibration_tokens(model, tokenizer, data, n, seq_len, seed)
+    if batch is None:
+        batch = calibration_tokens(model, tokenizer, data, n, seq_len, seed)
     cache = stats_cache_dir(model, batch.fingerprint, n, seq_len)
     inputs_file = cache / "moe_inputs.pt"
     if (cache / "stats.json").is_file() and (not keep_moe_inputs or inputs_file.is_file()):

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -123,13 +123,32 @@ def format_layers(layers: list[int] | None) -> str | None:
 
 # ---- the recipe ----------------------------------------------------------------------------------
 class DataSpec(BaseModel):
-    """Calibration text and how it is cut: `n` sequences of `seq_len` tokens chosen with `seed`."""
+    """Calibration text and how it is cut: `n` sequences of `seq_len` tokens chosen with `seed`.
+
+    `layout` is how the search methods (CD-MoE, layer drop) see the text: "documents" (default, the
+    CD-MoE reference's: separate documents, BOS first, truncated; `moepress.data.documents`) or
+    "windows" (packed windows of the token stream, what the statistics methods always use; also what
+    every entry of a recipe mixing statistics and search methods sees, so they share one set). Unset
+    `n` / `seq_len` become 100 × 256 when every method is a search method (the CD-MoE reference's
+    calibration), else 128 × 512.
+    """
 
     model_config = ConfigDict(extra="forbid")
     path: str
-    n: int = 128
-    seq_len: int = 512
+    n: int | None = None
+    seq_len: int | None = None
     seed: int = 0
+    layout: Literal["documents", "windows"] = "documents"
+
+    def resolve(self, search_only: bool) -> None:
+        if self.n is None:
+            self.n = SEARCH_N if search_only else STATS_N
+        if self.seq_len is None:
+            self.seq_len = SEARCH_SEQ_LEN if search_only else STATS_SEQ_LEN
+
+
+SEARCH_N, SEARCH_SEQ_LEN = 100, 256  # CD-MoE reference: 100 C4 documents, max_length=256
+STATS_N, STATS_SEQ_LEN = 128, 512
 
 
 class MethodEntry(BaseModel):
@@ -188,9 +207,8 @@ class MethodEntry(BaseModel):
                 raise MoepressError(f"--memory-budget is the share of the original bytes to keep, in (0, 1); "
                                     f"got {b}")
             if name == "cd-moe-sr":
-                if self.experts is None:
-                    self.experts = method_defaults_experts(name)
-                if self.experts < 1:
+                # None: the model's top-k, resolved by the method (the paper's setting)
+                if self.experts is not None and self.experts < 1:
                     raise MoepressError(
                         f"cd-moe-sr keeps at least one routed expert per layer (got --experts "
                         f"{self.experts}); use cd-moe-s to keep the shared experts only"
@@ -208,10 +226,13 @@ class MethodEntry(BaseModel):
         self.hyperparameters = {**defaults, **self.hyperparameters}
 
 
-def method_defaults_experts(name: str) -> int:
+def keeps_top_k(name: str) -> bool:
+    """Whether search method `name` keeps the layer's top-k routed experts when --experts is not given
+    (its `experts` parameter defaults to None); methods without the parameter keep none."""
     from moepress.methods.search_registry import get_search_method
 
-    return inspect.signature(get_search_method(name)).parameters["experts"].default
+    param = inspect.signature(get_search_method(name)).parameters.get("experts")
+    return param is not None and param.default is None
 
 
 class Recipe(BaseModel):
@@ -291,6 +312,7 @@ class Recipe(BaseModel):
         if not self.methods:
             raise MoepressError("the recipe lists no methods; add at least one entry under methods:")
         d = self.data
+        d.resolve(search_only=all(e.kind == "search" for e in self.methods))
         if d.n <= 0:
             raise MoepressError(f"-n must be positive (got {d.n}); use -n 128 for example")
         if d.seq_len < 2:

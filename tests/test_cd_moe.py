@@ -1,5 +1,8 @@
 """CD-MoE: fixed condensation weights, greedy expert and layer search (against a naive reference that
-runs the whole model per candidate), the recorded curve, memory budgets, light fine-tuning."""
+runs the whole model per candidate), the recorded curve, memory budgets, light fine-tuning.
+
+The naive searches here score next-token distributions (moepress's `metric="vocab-js"` variant, and
+kl / ppl); the reference code's defaults are pinned in test_cd_moe_reference.py."""
 
 from __future__ import annotations
 
@@ -186,7 +189,7 @@ def test_fast_search_returns_the_naive_reference_plan(family, experts, metric, p
     n_moe = len(get_adapter(model).moe_layer_ids(model))
     plan = cd_moe(
         model, ids, experts=experts, layers=n_moe, metric=metric, batch_size=4,
-        candidates_per_forward=per_forward,
+        candidates_per_forward=per_forward, weight_mode="all",
     )
     order, curve, actions, expert_orders = _naive_search(model, ids, experts, n_moe, metric)
     assert plan.metadata["order"] == order
@@ -201,7 +204,7 @@ def test_layer_drop_and_shared_only_match_the_naive_reference():
     model = _model("qwen2_moe", layers=4)
     ids = _ids()
     for variant, kwargs in (("layer-drop", {"drop": True}), ("cd-moe-s", {})):
-        plan = get_search_method(variant)(model, ids, layers=3, batch_size=3)
+        plan = get_search_method(variant)(model, ids, layers=3, batch_size=3, metric="vocab-js")
         order, curve, actions, _ = _naive_search(model, ids, 0, 3, **kwargs)
         assert plan.method == variant
         assert plan.metadata["order"] == order
@@ -211,7 +214,7 @@ def test_layer_drop_and_shared_only_match_the_naive_reference():
 
 def test_forward_pass_counts_follow_the_documented_formulas():
     model = _model("deepseek_v2", layers=4)  # layer 0 dense, MoE layers 1..3, 8 experts
-    plan = cd_moe(model, _ids(), experts=2, layers=2, batch_size=3)
+    plan = cd_moe(model, _ids(), experts=2, layers=2, batch_size=3, metric="vocab-js")
     fp = plan.metadata["forward_passes"]
     L = 4
     pools = {int(i): v["pool"] for i, v in plan.metadata["experts"].items()}
@@ -228,7 +231,7 @@ def test_forward_pass_counts_follow_the_documented_formulas():
 def test_recorded_curve_is_the_js_of_each_cumulative_model_and_does_not_decrease():
     model = _model("deepseek_v2", layers=5, seed=3)
     ids = _ids(seed=3)
-    plan = cd_moe(model, ids, experts=1, layers=4, batch_size=3)
+    plan = cd_moe(model, ids, experts=1, layers=4, batch_size=3, metric="vocab-js")
     reference = _hooked_logits(model, ids, {})
     for n in range(1, 5):
         prefix = prefix_plan(plan, n)
@@ -247,7 +250,7 @@ def test_recorded_curve_on_a_trained_mini_model_does_not_decrease():
     path = mini_model_path("dsv2-mini")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = load_tokens(load_tokenizer(path), path.parents[1] / "data" / "calib.txt", 4, 64, seed=0).input_ids
-    plan = cd_moe(model, ids, experts=0, layers=7, batch_size=4)
+    plan = cd_moe(model, ids, experts=0, layers=7, batch_size=4, metric="vocab-js")
     curve = plan.metadata["curve"]
     assert len(curve) == 7
     assert all(a <= b for a, b in zip(curve, curve[1:], strict=False)), curve

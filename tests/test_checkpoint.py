@@ -119,7 +119,11 @@ def test_round_trip(family, kind, remote_code_model, tmp_path):
         assert ("auto_map" in config) == remote
         reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=remote)
     else:
-        assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_moepress.MoepressForCausalLM"
+        # its own model_type and architecture, so nothing builds the source architecture from it
+        architecture = f"Moepress{type(model).__name__}"
+        assert config["model_type"] == f"moepress_{model.config.model_type}"
+        assert config["architectures"] == [architecture]
+        assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_moepress.{architecture}"
         reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     if remote:
         assert (out / "modeling_deepseek.py").is_file() and (out / "configuration_deepseek.py").is_file()

@@ -22,8 +22,10 @@ from moepress.testing import tiny_model
 
 from .conftest import DATA, mini_model_path
 
-METHODS = ("mone", "frequency", "random", "reap", "naee", "variance", "frequency+novice")
-NOVICE_METHODS = {"mone", "variance", "frequency+novice"}
+METHODS = ("mone", "frequency", "random", "reap", "naee", "variance", "frequency+novice", "mone-zero-novice",
+           "mone-variance", "mone-frequency", "rs")
+NOVICE_METHODS = {"mone", "variance", "frequency+novice", "mone-zero-novice", "mone-variance", "mone-frequency"}
+GLOBAL_METHODS = {"rs"}  # one threshold over all layers: per-layer counts vary
 FAMILIES = ("olmoe", "qwen2_moe", "deepseek_v2", "mixtral")
 
 _CACHE: dict[str, tuple] = {}
@@ -60,7 +62,7 @@ def test_ratio_outside_open_unit_interval_is_a_user_error(ratio):
 
 def test_bad_hyperparameters_are_user_errors():
     _, blocks, result, _ = tiny_calibrated("olmoe")
-    with pytest.raises(MoepressError, match="no hyperparameter fusion; it takes: fusion_weight=0.5"):
+    with pytest.raises(MoepressError, match="no hyperparameter fusion; it takes: ranking='fusion', fusion_weight=0.5"):
         run("mone", result, blocks, fusion=0.3)
     with pytest.raises(MoepressError, match="fusion_weight must be in"):
         run("mone", result, blocks, fusion_weight=1.5)
@@ -120,17 +122,24 @@ def test_method_prunes_exactly_the_requested_experts(family, method, tmp_path):
     assert plan.method == method
     assert plan.layers.keys() == result.stats.layers.keys()
     for i, action in plan.layers.items():
-        assert isinstance(action, Prune)
-        gone = sorted(set(range(8)) - set(action.keep_experts))
-        assert len(gone) == 2  # round(0.25 × 8)
+        keep = action.keep_experts if isinstance(action, Prune) else list(range(8))
+        gone = sorted(set(range(8)) - set(keep))
         assert plan.metadata["pruned"][str(i)] == gone
         assert len(plan.metadata["scores"][str(i)]) == 8
+        if method in GLOBAL_METHODS:
+            assert len(keep) >= 2  # top_k
+            continue
+        assert isinstance(action, Prune)
+        assert len(gone) == 2  # round(0.25 × 8)
         if method in NOVICE_METHODS:
             assert action.novices == gone
             for e, v in plan.novices(i).items():
-                torch.testing.assert_close(v, result.stats[i].out_mean[e].float())
+                mean = result.stats[i].out_mean[e].float()
+                torch.testing.assert_close(v, torch.zeros_like(mean) if method == "mone-zero-novice" else mean)
         else:
             assert action.novices == []
+    if method in GLOBAL_METHODS:
+        assert sum(map(len, plan.metadata["pruned"].values())) == 2 * len(plan.layers)
     assert plan.hyperparameters["ratio"] == 0.25 and plan.hyperparameters["seed"] == 3
     assert plan.data_fingerprint == result.stats.meta["data_fingerprint"]
     assert plan.model_fingerprint == result.stats.meta["model_fingerprint"]
@@ -144,11 +153,17 @@ def test_method_prunes_exactly_the_requested_experts(family, method, tmp_path):
 def test_hyperparameters_record_defaults():
     _, blocks, result, _ = tiny_calibrated("olmoe")
     assert run("mone", result, blocks).hyperparameters == {
-        "ratio": 0.25, "seed": 0, "fusion_weight": 0.5, "allocation": "uniform", "novices": True,
-        "frequency_metric": "count",
+        "ratio": 0.25, "seed": 0, "ranking": "fusion", "fusion_weight": 0.5, "allocation": "uniform",
+        "novices": True, "frequency_metric": "weight",
     }
+    assert run("mone", result, blocks, ranking="mse").hyperparameters["frequency_metric"] == "count"
     assert run("variance", result, blocks).hyperparameters["fusion_weight"] == 0.0
     assert run("frequency+novice", result, blocks).hyperparameters["fusion_weight"] == 1.0
+    assert run("variance", result, blocks).hyperparameters["ranking"] == "mse"
+    assert run("mone-zero-novice", result, blocks).hyperparameters["novices"] == "zero"
+    assert run("mone-variance", result, blocks).hyperparameters["ranking"] == "output_fluctuation"
+    assert run("mone-frequency", result, blocks).hyperparameters["ranking"] == "routing_score"
+    assert run("rs", result, blocks).hyperparameters["allocation"] == "global"
     assert run("naee", result, blocks).hyperparameters["exhaustive_limit"] == 5000
 
 
@@ -211,12 +226,14 @@ def test_mone_prunes_a_constant_expert_first_and_its_novice_is_exact(family):
 
 
 def constructed_stats(freq: list[list[float]], var: list[list[float]], top_k: int = 1) -> CalibrationStats:
-    """Statistics with given frequencies and output variances (hidden size 2, 1000 tokens)."""
+    """Statistics with given frequencies and output variances (hidden size 2, 1000 tokens; mean gate
+    weight = frequency / 2)."""
     layers = {}
     for i, (f, v) in enumerate(zip(freq, var, strict=True)):
         e = len(f)
         s = LayerStats(i, e, 2, top_k, tokens=1000)
         s.count = torch.tensor(f, dtype=torch.float64) * 1000 * top_k
+        s.weight_sum = s.count / 2
         s.out_m2 = torch.tensor(v, dtype=torch.float64)[:, None].expand(e, 2) * s.count[:, None]
         s.out_mean = torch.arange(2 * e, dtype=torch.float64).view(e, 2)
         s.out_mean[s.count == 0] = 0
@@ -224,7 +241,8 @@ def constructed_stats(freq: list[list[float]], var: list[list[float]], top_k: in
     return CalibrationStats(layers=layers, meta={"data_fingerprint": "d" * 16})
 
 
-def test_mone_fusion_weight_moves_between_the_two_metrics():
+def test_mone_mse_fusion_weight_moves_between_the_two_metrics():
+    # moepress's variant (ranking=mse): f̂^α·v̂^(1−α); the reference ranking is in test_mone_reference.py
     f = [0.05, 0.35, 0.10, 0.30, 0.20]
     v = [0.90, 0.05, 0.40, 0.30, 0.25]
     stats = constructed_stats([f], [v])
@@ -234,35 +252,38 @@ def test_mone_fusion_weight_moves_between_the_two_metrics():
     def first_two(name, **hp):
         return get_method(name)(stats, 0.4, **hp).metadata["pruned"]["0"]
 
-    assert first_two("frequency+novice") == first_two("mone", fusion_weight=1.0) == [0, 2]
-    assert first_two("variance") == first_two("mone", fusion_weight=0.0) == [1, 4]
+    assert first_two("frequency+novice") == first_two("mone", ranking="mse", fusion_weight=1.0) == [0, 2]
+    assert first_two("variance") == first_two("mone", ranking="mse", fusion_weight=0.0) == [1, 4]
     # f·v = [.045, .0175, .04, .09, .05]: neither the rarest (0) nor the steadiest (4) alone
-    assert first_two("mone") == [1, 2]
-    scores = get_method("mone")(stats, 0.4).metadata["scores"]["0"]
+    assert first_two("mone", ranking="mse") == [1, 2]
+    # the reference ranks by mean weight × sqrt(trace Cov) ∝ f·sqrt(v) = [.047, .078, .063, .16, .1]
+    assert first_two("mone") == [0, 2]
+    scores = get_method("mone")(stats, 0.4, ranking="mse").metadata["scores"]["0"]
     expected = [math.sqrt(a / 0.35 * b / 0.9) for a, b in zip(f, v, strict=True)]
     assert scores == pytest.approx(expected, rel=1e-12)
 
 
 def test_mone_dead_experts_go_first_as_zero_novices():
     stats = constructed_stats([[0.0, 0.5, 0.0, 0.5]], [[0.0, 1.0, 0.0, 2.0]])
-    plan = get_method("mone")(stats, 0.5)
-    assert plan.layers[0].novices == [0, 2]
-    assert all(torch.equal(v, torch.zeros(2)) for v in plan.novices(0).values())
+    for ranking in ("fusion", "mse", "output_fluctuation", "routing_score"):
+        plan = get_method("mone")(stats, 0.5, ranking=ranking)
+        assert plan.layers[0].novices == [0, 2]
+        assert all(torch.equal(v, torch.zeros(2)) for v in plan.novices(0).values())
 
 
-def test_mone_global_allocation_prunes_where_redundancy_is():
+def test_mone_mse_global_allocation_prunes_where_redundancy_is():
     flat = [0.25, 0.25, 0.25, 0.25]
     skewed = [0.01, 0.02, 0.03, 0.94]
     stats = constructed_stats([flat, skewed, flat], [[1.0] * 4, [1.0, 1.0, 1.0, 1.0], [1.0] * 4], top_k=1)
-    plan = get_method("mone")(stats, 0.25, allocation="global")  # round(0.25 × 12) = 3
+    plan = get_method("mone")(stats, 0.25, ranking="mse", allocation="global")  # round(0.25 × 12) = 3
     assert [plan.metadata["pruned"][str(i)] for i in range(3)] == [[], [0, 1, 2], []]
     assert isinstance(plan.layers[0], Keep) and plan.layers[1].novices == [0, 1, 2]
     # a layer never keeps fewer than top_k: 0.5 × 12 = 6, the skewed layer can give only 3
-    plan = get_method("mone")(stats, 0.5, allocation="global")
+    plan = get_method("mone")(stats, 0.5, ranking="mse", allocation="global")
     counts = [len(plan.metadata["pruned"][str(i)]) for i in range(3)]
     assert sum(counts) == 6 and counts[1] == 3
     with pytest.raises(MoepressError, match="ratio too high.*at most 0.75"):
-        get_method("mone")(stats, 0.8, allocation="global")
+        get_method("mone")(stats, 0.8, ranking="mse", allocation="global")
 
 
 # ---- NAEE against brute force ---------------------------------------------------------------------
@@ -320,6 +341,10 @@ def test_methods_on_trained_olmoe_mini():
     two = CalibrationStats(layers={i: stats[i] for i in (1, layer)}, meta=stats.meta)
     plans["naee"] = get_method("naee")(two, 0.25, blocks=blocks, moe_inputs=result.moe_inputs)
     for name, plan in plans.items():
+        if name in GLOBAL_METHODS:
+            gone = [64 - len(a.keep_experts) for a in plan.layers.values() if isinstance(a, Prune)]
+            assert sum(gone) == 16 * len(plan.layers)  # round(0.25 × 64) per layer on average
+            continue
         for i, action in plan.layers.items():
             assert 64 - len(action.keep_experts) == 16, (name, i)  # round(0.25 × 64)
     assert plans["naee"].metadata["search"] == {"1": "greedy", str(layer): "greedy"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -49,7 +51,12 @@ def test_streamed_output_equals_in_memory_output(tmp_path, source_and_stats, kin
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert (mem / "moepress_plan.json").read_text() == (streamed / "moepress_plan.json").read_text()
+    for name in ("moepress_plan.json", "config.json", "modeling_moepress.py", "moepress_modules.py"):
+        assert (mem / name).is_file() == (streamed / name).is_file(), name
+        if (mem / name).is_file():
+            assert (mem / name).read_text() == (streamed / name).read_text(), name
+    config = json.loads((streamed / "config.json").read_text())
+    assert config["model_type"] == ("deepseek_v2" if kind == "frequency" else "moepress_deepseek_v2")
     if kind == "frequency":  # expressible in the original architecture: plain transformers loads it
         reloaded = AutoModelForCausalLM.from_pretrained(streamed, dtype=torch.bfloat16)
     else:

@@ -21,6 +21,7 @@ class TokenBatch:
     input_ids: torch.Tensor
     fingerprint: str
     source: str
+    skipped_documents: int = 0  # documents layout: shorter than seq_len, not used
 
     @property
     def num_tokens(self) -> int:

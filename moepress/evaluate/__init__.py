@@ -1,5 +1,6 @@
 """Evaluation of compressed models against their originals: perplexity, KL/JS divergence,
-zero-shot tasks through lm-evaluation-harness (optional `eval` extra), memory and speed."""
+zero-shot tasks through lm-evaluation-harness (optional `eval` extra) with the papers' task sets, memory
+and speed."""
 
 from moepress.evaluate.divergence import (
     Divergence,
@@ -20,6 +21,7 @@ from moepress.evaluate.speed import (
     param_bytes,
     speed_ratios,
 )
+from moepress.evaluate.task_sets import TASK_SETS, TaskSet, task_set
 
 __all__ = [
     "ComparisonRow",
@@ -27,6 +29,8 @@ __all__ = [
     "Perplexity",
     "SpeedComparison",
     "SpeedResult",
+    "TASK_SETS",
+    "TaskSet",
     "compare_speed",
     "comparison_rows",
     "decode_bytes_per_token",
@@ -41,4 +45,5 @@ __all__ = [
     "perplexity",
     "rows_table",
     "speed_ratios",
+    "task_set",
 ]

@@ -1,8 +1,10 @@
 """Zero-shot multiple-choice accuracy through lm-evaluation-harness, on an in-memory model.
 
 The model goes in as `HFLM(pretrained=model, ...)`, so compressed custom modules are what gets
-scored. Tasks named `piqa`, `hellaswag`, `arc_easy`, `arc_challenge` (or with a `_local` suffix)
-use the definitions shipped in `moepress/evaluate/tasks/` and read a user-provided jsonl: given
+scored (an lm-eval `LM` instance is used as it is). Tasks named `arc_challenge`, `arc_easy`, `boolq`,
+`copa`, `hellaswag`, `mmlu`, `openbookqa`, `piqa`, `rte`, `winogrande` (or with a `_local` suffix)
+use the definitions shipped in `moepress/evaluate/tasks/`, each mirroring lm-eval's own task of that
+name, and read a user-provided jsonl in the Hugging Face dataset's row layout: given
 per task in `data_files`, or found as `<dir>/<task>.jsonl` in `data_dir` or in the directory named
 by $MOEPRESS_TASK_DATA. Any other name goes to lm-eval unchanged (its own task; may need network).
 
@@ -131,6 +133,7 @@ def run_tasks(
 ) -> dict[str, TaskScore]:
     """Zero-shot (by default) accuracy of an in-memory model on `tasks`, keyed by lm-eval task name.
 
+    `model` is a transformers model (scored through lm-eval's HFLM with `tokenizer`) or an lm-eval `LM`.
     `include_path` adds the user's own task YAML folder. `limit` caps examples per task (quick runs).
     """
     if not tasks:
@@ -150,7 +153,9 @@ def run_tasks(
                 f"unknown task(s) {', '.join(unknown)}; use one of {', '.join(local_tasks())} with local "
                 "data, an lm-eval task name, or a task YAML folder via include_path"
             )
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        from lm_eval.api.model import LM
+
+        lm = model if isinstance(model, LM) else HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=list(resolved),

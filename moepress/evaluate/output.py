@@ -58,6 +58,7 @@ def evaluate_output(
     *,
     task_data: str | Path | None = None,
     task_limit: int | None = None,
+    task_set: str | None = None,
     max_tokens: int | None = None,
     window: int | None = None,
     batch_size: int = 8,
@@ -69,27 +70,34 @@ def evaluate_output(
 ) -> tuple[dict, Path | None]:
     """`evaluate_pair` on the folder `out` (and the original `against`): perplexity on the text file
     `ppl`, divergence to the original on the same windows, zero-shot `tasks` (local jsonl in
-    `task_data`). Returns the result dict (its `rows` are the comparison table) and where it was
-    written (`out/moepress_eval.json`, or None when `out` cannot be written)."""
+    `task_data`) and a paper's whole `task_set` (`cd-moe`, `mone`) with its average. Every local task's
+    jsonl is checked before a model loads. Returns the result dict (its `rows` are the comparison table)
+    and where it was written (`out/moepress_eval.json`, or None when `out` cannot be written)."""
     from moepress.evaluate.pair import evaluate_pair
     from moepress.evaluate.perplexity import load_eval_ids
+    from moepress.evaluate.task_sets import missing_task_data
+    from moepress.evaluate.task_sets import task_set as task_set_named
 
     tasks = [t.strip() for t in tasks if t.strip()]
-    if ppl is None and not tasks and against is None:
-        raise MoepressError("nothing to evaluate; give --ppl FILE, --tasks T1,T2 or --against MODEL")
+    tset = None if task_set is None else task_set_named(task_set)
+    if ppl is None and not tasks and tset is None and against is None:
+        raise MoepressError(
+            "nothing to evaluate; give --ppl FILE, --tasks T1,T2, --task-set cd-moe|mone or --against MODEL"
+        )
     if ppl is not None and not Path(ppl).is_file():
         raise MoepressError(f"perplexity text {ppl} does not exist; pass a .txt/.jsonl/.parquet file")
     if task_data is not None and not Path(task_data).is_dir():
         raise MoepressError(f"--task-data {task_data} is not a folder; it holds <task>.jsonl files")
+    missing_task_data([*(tset.tasks if tset else []), *tasks], task_data)
     compressed, original, tokenizer = _load_pair(out, against, device, dtype, trust_remote_code, allow_pickle)
     ppl_ids = None if ppl is None else load_eval_ids(tokenizer, ppl, max_tokens=max_tokens)
     result = evaluate_pair(
         compressed, original, tokenizer, ppl_ids, tasks, window=window, max_tokens=max_tokens,
-        batch_size=batch_size, task_data=task_data, task_limit=task_limit,
+        batch_size=batch_size, task_data=task_data, task_limit=task_limit, task_set=tset,
     )
     result["inputs"] = {
         "model": str(out), "against": None if against is None else str(against),
-        "ppl": None if ppl is None else str(ppl), "tasks": tasks,
+        "ppl": None if ppl is None else str(ppl), "tasks": tasks, "task_set": task_set,
         "task_data": None if task_data is None else str(task_data), "task_limit": task_limit,
         "max_tokens": max_tokens, "window": window,
         "device": str(next(compressed.parameters()).device),

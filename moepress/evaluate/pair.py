@@ -16,6 +16,8 @@ from moepress.evaluate.divergence import divergence as divergence_of
 from moepress.evaluate.perplexity import default_window, perplexity
 from moepress.evaluate.report_table import comparison_rows
 from moepress.evaluate.speed import compare_speed, param_bytes
+from moepress.evaluate.task_sets import TaskSet, missing_task_data
+from moepress.evaluate.task_sets import task_set as task_set_named
 
 
 def evaluate_pair(
@@ -32,6 +34,7 @@ def evaluate_pair(
     divergence: bool = True,
     task_data: str | Path | Mapping[str, str | Path] | None = None,
     task_limit: int | None = None,
+    task_set: str | TaskSet | None = None,
     include_path: str | Path | None = None,
     speed: bool = False,
     speed_kwargs: Mapping[str, Any] | None = None,
@@ -40,10 +43,15 @@ def evaluate_pair(
 
     `ppl_ids` (e.g. from `load_eval_ids`) drive perplexity and, with an original, the KL/JS/top-1
     comparison on the same windows. `tasks` go through lm-eval (`task_data`: a folder of
-    `<task>.jsonl` files or a {task: path} mapping). `speed` measures both models in this process.
-    Keys: rows (the comparison table), param_bytes, perplexity, divergence, tasks, speed; a key is
-    None when that part was not asked for.
+    `<task>.jsonl` files or a {task: path} mapping). `task_set` (`cd-moe`, `mone`) adds that paper's
+    tasks and its average, each task's metric chosen as the paper does (`moepress.evaluate.task_sets`).
+    `speed` measures both models in this process.
+    Keys: rows (the comparison table), param_bytes, perplexity, divergence, tasks, task_set, speed; a key
+    is None when that part was not asked for.
     """
+    tset = task_set_named(task_set) if isinstance(task_set, str) else task_set
+    if tset is not None:
+        tasks = list(dict.fromkeys([*tset.tasks, *(tasks or [])]))
     if ppl_ids is None and not tasks and not speed and original is None:
         raise MoepressError(
             "nothing to evaluate; give perplexity text, tasks, or an original model to compare"
@@ -68,12 +76,18 @@ def evaluate_pair(
     if tasks:
         from moepress.evaluate.lm_eval_bridge import run_tasks
 
+        if not isinstance(task_data, Mapping):
+            missing_task_data(list(tasks), task_data)  # every missing file in one error, before any scoring
+
         files, folder = (task_data, None) if isinstance(task_data, Mapping) else (None, task_data)
         scores = _each(models, lambda m: run_tasks(m, tokenizer, tasks, data_files=files, data_dir=folder,
                                                    include_path=include_path, batch_size=batch_size,
                                                    limit=task_limit))
     out["tasks"] = None if scores is None else {
         k: v and {t: s.to_dict() for t, s in v.items()} for k, v in scores.items()
+    }
+    out["task_set"] = None if tset is None or scores is None else {
+        **tset.to_dict(), "average": {k: v and tset.average(v) for k, v in scores.items()}
     }
 
     cmp = None
@@ -88,6 +102,7 @@ def evaluate_pair(
         perplexity=None if ppl is None else (ppl["original"], ppl["compressed"]),
         divergence=div,
         tasks=None if scores is None else (scores["original"], scores["compressed"]),
+        task_set=tset,
         speed=cmp,
     )
     out["rows"] = [r.to_dict() for r in rows]

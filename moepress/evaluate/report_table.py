@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from moepress.evaluate.lm_eval_bridge import TaskScore
     from moepress.evaluate.perplexity import Perplexity
     from moepress.evaluate.speed import SpeedComparison
+    from moepress.evaluate.task_sets import TaskSet
 
 Better = Literal["higher", "lower", "size", "none"]
 
@@ -56,9 +57,11 @@ def comparison_rows(
     perplexity: tuple[Perplexity | None, Perplexity | None] | None = None,
     divergence: Divergence | None = None,
     tasks: tuple[Mapping[str, TaskScore] | None, Mapping[str, TaskScore] | None] | None = None,
+    task_set: TaskSet | None = None,
     speed: SpeedComparison | None = None,
 ) -> list[ComparisonRow]:
-    """Rows for whatever was measured; each pair is (original, compressed), either side may be None."""
+    """Rows for whatever was measured; each pair is (original, compressed), either side may be None.
+    With a `task_set`, its average (each task's metric chosen as the paper does) follows the tasks."""
     rows: list[ComparisonRow] = []
     if param_bytes:
         rows.append(row("parameter bytes", *param_bytes, "size", "bytes"))
@@ -80,6 +83,9 @@ def comparison_rows(
                     rows.append(row(f"{name} {metric}", ov, cv, "higher"))
         if len(names) > 1:
             rows.append(row("mean acc", _mean(o_scores, names), _mean(c_scores, names), "higher"))
+        if task_set is not None:
+            avg = [task_set.average(s) if s else None for s in (tasks[0], tasks[1])]
+            rows.append(row(f"{task_set.name} average (paper's metric per task)", *avg, "higher"))
     if speed is not None:
         o, c = speed.original, speed.compressed
         suffix = " [CPU]" if speed.cpu_timing else ""

@@ -1,5 +1,5 @@
 """Fine-tune a written output folder's condensed layers and write the result as a new output folder
-(`moepress finetune OUT --data train.txt --tokens 2M -o OUT2`)."""
+(`moepress finetune OUT --data train.txt --tokens 2M [--sft pairs.jsonl] [--recipe fast] -o OUT2`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from moepress.errors import MoepressError
 
 FINETUNE_FILE = "moepress_finetune.json"
+SFT_MAX_LENGTH = 256  # the reference's --max-length, whatever the LM stage's --seq-len
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGbB]?)\s*$")
 _SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 
@@ -64,9 +65,11 @@ def finetune_output(
     *,
     eval_data: str | Path | None = None,
     eval_tokens: int | str = 65536,
-    seq_len: int = 512,
-    lr: float = 1e-4,
-    batch_size: int = 8,
+    recipe: str = "reference",
+    sft: str | Path | None = None,
+    seq_len: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     gradient_checkpointing: bool = False,
     device: str = "auto",
@@ -75,12 +78,15 @@ def finetune_output(
     trust_remote_code: bool = False,
 ):
     """Fine-tune the condensed layers of the output folder `out` on about `tokens` tokens of `data`
-    and write `dest` (checkpoint, plan, manifest, the statistics `out` had, `moepress_finetune.json`).
-    Perplexity before and after is measured on `eval_data` (held-out text, never the training file).
-    Returns (dest, FinetuneResult)."""
+    (then one epoch over the prompt/answer pairs of the .jsonl `sft`, when given) under `recipe`
+    (`moepress.finetune.RECIPES`; `seq_len`, `lr`, `batch_size` override it when not None) and write
+    `dest` (checkpoint, plan, manifest, the statistics `out` had, `moepress_finetune.json` with the
+    recipe's resolved hyperparameters). Perplexity before and after is measured on `eval_data`
+    (held-out text, never the training file). Returns (dest, FinetuneResult)."""
     from moepress.atomic import atomic_dir, check_output
     from moepress.compression import copy_stats, write_checkpoint, write_report_if_available
-    from moepress.finetune.train import finetune, load_train_ids
+    from moepress.finetune.sft import read_sft_pairs, tokenize_sft
+    from moepress.finetune.train import finetune, load_train_ids, resolve_recipe
     from moepress.io.save import PLAN_FILE
     from moepress.models.loading import load_model, resolve_device
     from moepress.plan import CompressionPlan, Condense
@@ -97,18 +103,22 @@ def finetune_output(
             raise MoepressError(f"held-out text {eval_data} does not exist; pass a .txt or .jsonl file")
         if Path(eval_data).resolve() == Path(data).resolve():
             raise MoepressError("--eval-data is the training file; give held-out text the model never sees")
-    if seq_len < 2:
-        raise MoepressError(f"--seq-len must be at least 2 (got {seq_len})")
+    resolved = resolve_recipe(recipe, seq_len=seq_len, lr=lr, batch_size=batch_size)
+    if resolved.seq_len < 2:
+        raise MoepressError(f"--seq-len must be at least 2 (got {resolved.seq_len})")
+    pairs = None if sft is None else read_sft_pairs(sft)  # a bad file fails before any weight is read
     plan = CompressionPlan.load(out / PLAN_FILE)
     if not any(isinstance(a, Condense) for a in plan.layers.values()):
         raise MoepressError(f"{out} ({plan.method}) has no condensed layer; only condensed layers train")
     dev = resolve_device(device)
     model, tokenizer = load_model(out, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
     model.moepress_source = source_record(model, out)
+    seq_len = resolved.seq_len
     train_ids = load_train_ids(tokenizer, data, tokens, seq_len, seed)
     eval_ids = None if eval_data is None else eval_windows(tokenizer, eval_data, seq_len, eval_tokens)
+    sft_data = None if pairs is None else tokenize_sft(tokenizer, pairs, max_length=SFT_MAX_LENGTH)
     model, result = finetune(
-        model, plan, train_ids, eval_ids, tokens=tokens, lr=lr, batch_size=batch_size, seed=seed,
+        model, plan, train_ids, eval_ids, recipe=resolved, tokens=tokens, sft=sft_data, seed=seed,
         gradient_checkpointing=gradient_checkpointing, device=dev,
     )
     with atomic_dir(dest, overwrite) as tmp:
@@ -117,7 +127,9 @@ def finetune_output(
         record = {
             "source": str(out.resolve()), "data": str(Path(data).resolve()),
             "eval_data": None if eval_data is None else str(Path(eval_data).resolve()),
-            "seq_len": seq_len, "batch_size": batch_size, "seed": seed, "device": str(dev),
+            "sft": None if sft is None else str(Path(sft).resolve()),
+            "sft_skipped": 0 if sft_data is None else sft_data.skipped,
+            "seq_len": seq_len, "batch_size": resolved.batch_size, "seed": seed, "device": str(dev),
             "requested_tokens": tokens, **result.to_dict(),
         }
         (tmp / FINETUNE_FILE).write_text(json.dumps(record, indent=1) + "\n")

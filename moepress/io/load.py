@@ -1,11 +1,12 @@
 """Load a checkpoint written by moepress, without running code from the checkpoint folder.
 
 A checkpoint the source architecture expresses is a plain Hugging Face folder. Any other carries
-`config.moepress_structure`; `transformers` can load it through the folder's `modeling_moepress.py`
-(`trust_remote_code=True`), and this module does the same with the installed moepress instead:
-it subclasses the family's class so that `__init__` rebuilds the changed layers before the weights
-load. Only a checkpoint made from a remote-code model (DeepSeekMoE-16B) needs `trust_remote_code`,
-because its base architecture itself is code in the folder.
+`config.moepress_structure` under its own model_type (`moepress_deepseek_v2`); `transformers` can load
+it through the folder's `modeling_moepress.py` (`trust_remote_code=True`), and this module does the
+same with the installed moepress instead: it subclasses the family's config (under that model_type)
+and model class, whose `__init__` rebuilds the changed layers before the weights load. Only a
+checkpoint made from a remote-code model (DeepSeekMoE-16B) needs `trust_remote_code`, because its base
+architecture itself is code in the folder.
 """
 
 from __future__ import annotations
@@ -18,18 +19,30 @@ import torch
 from torch import nn
 
 from moepress.errors import MoepressError
-from moepress.modules.compressed import apply_structure
+from moepress.modules.compressed import apply_structure, register_weight_conversions
+from moepress.modules.model_type import compressed_class_name, source_model_type
 
 
 @functools.cache
-def compressed_class(base: type) -> type:
+def compressed_config_class(base: type, model_type: str) -> type:
+    """`base` (a family's config class) under a compressed checkpoint's own `model_type`; `base` itself
+    for a checkpoint written before outputs had their own model_type."""
+    if model_type == base.model_type:
+        return base
+    name = compressed_class_name(base.__name__)
+    return type(name, (base,), {"model_type": model_type, "__module__": __name__})
+
+
+@functools.cache
+def compressed_class(base: type, config_class: type) -> type:
     """`base` (a family's ForCausalLM class) whose `__init__` also applies `config.moepress_structure`."""
 
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
         apply_structure(self, config.moepress_structure)
 
-    return type("MoepressForCausalLM", (base,), {"__init__": __init__, "__module__": __name__})
+    attrs = {"__init__": __init__, "__module__": __name__, "config_class": config_class}
+    return type(compressed_class_name(base.__name__), (base,), attrs)
 
 
 def resolve_base_class(structure: dict, folder: Path) -> type:
@@ -59,7 +72,7 @@ def load(
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """The model in `path` (a folder written by moepress, or any plain checkpoint), in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -76,7 +89,11 @@ def load(
     if structure is None:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, **kwargs)
     else:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
-        cls = compressed_class(resolve_base_class(structure, folder))
-        model = cls.from_pretrained(folder, config=config, **kwargs)
+        base = resolve_base_class(structure, folder)
+        model_type = raw.get("model_type", base.config_class.model_type)
+        config_class = compressed_config_class(base.config_class, model_type)
+        if not remote:
+            register_weight_conversions(model_type, source_model_type(model_type))
+        config = config_class.from_pretrained(folder)
+        model = compressed_class(base, config_class).from_pretrained(folder, config=config, **kwargs)
     return model.to(device).eval()

@@ -6,13 +6,16 @@ source's tokenizer files, `moepress_plan.json` (+ novice sidecar) and `moepress_
 - Expressible in the source architecture (uniform pruning, nothing else): a plain config of the
   source `model_type` with the expert count updated; `AutoModelForCausalLM.from_pretrained` loads it
   with no custom code (and vLLM/SGLang can serve it).
-- Otherwise: config.json carries `moepress_structure` and an `auto_map` to `modeling_moepress.py`
-  (a subclass of the family's class that rebuilds the changed layers in `__init__`) next to a copy of
-  `moepress/modules/compressed.py` (`moepress_modules.py`); `trust_remote_code=True` loads it with
-  plain transformers, `moepress.load` without running the folder's code.
+- Otherwise: config.json carries `moepress_structure`, its own `model_type` (`moepress_deepseek_v2`)
+  and `architectures` (`MoepressDeepseekV2ForCausalLM`), and an `auto_map` for AutoConfig and
+  AutoModelForCausalLM to `modeling_moepress.py` (subclasses of the family's config and model classes;
+  the model rebuilds the changed layers in `__init__`) next to a copy of `moepress/modules/compressed.py`
+  (`moepress_modules.py`). Plain transformers refuses it without `trust_remote_code=True` (it does not
+  know the model_type) instead of loading the source architecture silently wrong, and loads it right
+  with it; `moepress.load` loads it without running the folder's code.
 - From a remote-code source (DeepSeekMoE-16B): the source's modeling files are copied too and the
   result stays remote code — plain when expressible (the source's own code, expert count updated),
-  else `modeling_moepress.py` subclasses the source's class from the copied file.
+  else `modeling_moepress.py` subclasses the source's classes from the copied files.
 
 The folder is built in a temporary sibling `OUT.tmp-*`, reloaded, and its logits on a few token ids
 compared with the in-memory model before it is renamed into place.
@@ -33,6 +36,12 @@ from moepress.errors import MoepressError
 from moepress.io.load import load
 from moepress.io.manifest import MANIFEST_FILE, Manifest, moepress_version
 from moepress.io.sizes import size_by_component
+from moepress.modules.model_type import (
+    compressed_class_name,
+    compressed_model_type,
+    is_compressed_class,
+    source_model_type,
+)
 from moepress.plan import CompressionPlan
 
 PLAN_FILE = "moepress_plan.json"
@@ -49,43 +58,67 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-_MODELING = '''"""Loads this moepress-compressed checkpoint: the {cls} architecture
+_MODELING = '''"""Loads this moepress-compressed checkpoint: the {base} architecture
 with the per-layer changes in `config.moepress_structure` (pruned or novice experts, condensed or
-dropped MLPs), rebuilt before the weights load. Written by moepress {version}; needs only torch and
-transformers."""
+dropped MLPs), rebuilt before the weights load. The checkpoint has its own model_type, so that a loader
+knowing only `{source_type}` refuses it rather than building the uncompressed architecture. Written by
+moepress {version}; needs only torch and transformers."""
 
-{imports}
-from .moepress_modules import apply_structure
-{config}
+from {config_module} import {config_base} as _BaseConfig
+from {module} import {base} as _Base
 
-class MoepressForCausalLM(_Base):
-{config_class}    def __init__(self, config):
+from .moepress_modules import {helpers}
+{register}
+
+class {config_class}(_BaseConfig):
+    model_type = "{model_type}"
+
+
+class {model_class}(_Base):
+    config_class = {config_class}
+
+    def __init__(self, config):
         super().__init__(config)
         apply_structure(self, config.moepress_structure)
 '''
-_REMOTE_CONFIG = '''
-
-class MoepressConfig(_BaseConfig):
-    """The source's config under its own class: transformers' auto registry maps remote config
-    classes to model classes, and must not mistake this checkpoint for an uncompressed one."""
-'''
 
 
-def modeling_source(structure: dict, config_cls: type) -> str:
-    """`modeling_moepress.py`: the base class (from transformers, or the source's copied remote code)
-    whose `__init__` also rebuilds the changed layers."""
+def source_class(cls: type) -> type:
+    """The source family's config or model class behind `cls` (which may be a compressed checkpoint's own)."""
+    return next(c for c in cls.__mro__ if not is_compressed_class(c.__name__))
+
+
+def _import_module(cls: type) -> str:
+    """Where `modeling_moepress.py` imports `cls` from: transformers, or a file beside it (`.configuration_x`)."""
+    import transformers
+
+    if cls.__module__.startswith("transformers."):
+        return "transformers" if getattr(transformers, cls.__name__, None) is cls else cls.__module__
+    return "." + cls.__module__.rsplit(".", 1)[-1]
+
+
+def modeling_source(structure: dict, config_cls: type, source_type: str) -> str:
+    """`modeling_moepress.py`: the source family's config and model classes (from transformers, or the
+    source's copied remote code) under the checkpoint's own model_type, the model's `__init__` also
+    rebuilding the changed layers."""
     base = structure["base"]
-    imports = f"from {base['module']} import {base['class']} as _Base\n"
+    config_base = source_class(config_cls)
+    model_type = compressed_model_type(source_type)
     remote = base["module"].startswith(".")
-    if remote:
-        config_module = "." + config_cls.__module__.rsplit(".", 1)[-1]
-        imports = f"from {config_module} import {config_cls.__name__} as _BaseConfig\n" + imports
+    register = "" if remote else f'\nregister_weight_conversions("{model_type}", "{source_type}")\n'
+    helpers = "apply_structure" if remote else "apply_structure, register_weight_conversions"
     return _MODELING.format(
-        cls=base["class"],
+        base=base["class"],
+        source_type=source_type,
         version=moepress_version(),
-        imports=imports,
-        config=_REMOTE_CONFIG if remote else "",
-        config_class="    config_class = MoepressConfig\n\n" if remote else "",
+        config_module=_import_module(config_base),
+        config_base=config_base.__name__,
+        module=base["module"],
+        helpers=helpers,
+        register=register,
+        config_class=compressed_class_name(config_base.__name__),
+        model_class=compressed_class_name(base["class"]),
+        model_type=model_type,
     )
 
 
@@ -115,7 +148,7 @@ def save_compressed(
     source = Path(source) if source is not None else None
     out = check_output(out, overwrite, inputs=(source,) if source else ())
     structure = getattr(model.config, "moepress_structure", None)
-    remote = not type(model).__module__.startswith("transformers.")
+    remote = _remote_base(model)
 
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -125,17 +158,28 @@ def save_compressed(
     return out
 
 
+def _remote_base(model: nn.Module) -> bool:
+    """Whether the model's base architecture is code that travels with the checkpoint, not transformers'
+    (a model `moepress.load` rebuilt from an output has a class of its own, on a transformers base)."""
+    structure = getattr(model.config, "moepress_structure", None)
+    if structure is not None:
+        return structure["base"]["module"].startswith(".")
+    return not type(model).__module__.startswith("transformers.")
+
+
 def finish_folder(tmp: Path, model: nn.Module, plan: CompressionPlan, source: Path | None) -> None:
     """Everything beside the weights: modeling files, config's auto_map, tokenizer, plan, manifest."""
     record = model.moepress_source
     structure = getattr(model.config, "moepress_structure", None)
-    remote = not type(model).__module__.startswith("transformers.")
+    remote = _remote_base(model)
     if remote:
         _copy_remote_code(model, source, tmp)
+    source_type = source_model_type(model.config.model_type)
+    config_class = compressed_class_name(source_class(type(model.config)).__name__)
     if structure is not None:
-        (tmp / MODELING_FILE).write_text(modeling_source(structure, type(model.config)))
+        (tmp / MODELING_FILE).write_text(modeling_source(structure, type(model.config), source_type))
         shutil.copyfile(Path(__file__).parents[1] / "modules" / "compressed.py", tmp / MODULES_FILE)
-    _finish_config(tmp / "config.json", structure)
+    _finish_config(tmp / "config.json", structure, source_type, config_class)
     if source is not None:
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
@@ -156,18 +200,22 @@ def finish_folder(tmp: Path, model: nn.Module, plan: CompressionPlan, source: Pa
     (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=1) + "\n")
 
 
-def _finish_config(path: Path, structure: dict | None) -> None:
-    """Point `auto_map` at files in the folder; for a compressed structure, at modeling_moepress."""
+def _finish_config(path: Path, structure: dict | None, source_type: str, config_class: str) -> None:
+    """Point `auto_map` at files in the folder; a compressed structure gets its own model_type and
+    architecture, both mapped to modeling_moepress (`config_class`: its config class's name)."""
     config = json.loads(path.read_text())
     # hub references ("org/repo--modeling_x.Cls") become local: the code now lives in the folder
     auto_map = {k: v.split("--")[-1] for k, v in config.get("auto_map", {}).items()}
     if structure is not None:
-        # other auto classes (AutoModel, ...) would build the uncompressed architecture
+        # only these two: other auto classes (AutoModel, ...) would build the uncompressed architecture
         modeling = Path(MODELING_FILE).stem
-        auto_map = {"AutoModelForCausalLM": f"{modeling}.MoepressForCausalLM"}
-        if structure["base"]["module"].startswith("."):
-            auto_map["AutoConfig"] = f"{modeling}.MoepressConfig"
-        config["architectures"] = ["MoepressForCausalLM"]
+        model_class = compressed_class_name(structure["base"]["class"])
+        auto_map = {
+            "AutoConfig": f"{modeling}.{config_class}",
+            "AutoModelForCausalLM": f"{modeling}.{model_class}",
+        }
+        config["model_type"] = compressed_model_type(source_type)
+        config["architectures"] = [model_class]
     if auto_map:
         config["auto_map"] = auto_map
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -182,7 +230,7 @@ def _copy_remote_code(model: nn.Module, source: Path | None, dst: Path) -> None:
         files = set(source.glob("*.py"))
     else:
         files = set()
-        for cls in (type(model), type(model.config)):
+        for cls in (source_class(type(model)), source_class(type(model.config))):
             if not cls.__module__.startswith("transformers."):
                 f = Path(inspect.getfile(cls))
                 files |= {f, *map(Path, get_relative_import_files(str(f)))}

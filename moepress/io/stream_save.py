@@ -43,6 +43,10 @@ def save_compressed_streaming(
     """Write `plan` applied to the checkpoint folder `source` into `out`, one layer at a time."""
     source = Path(source)
     out = check_output(out, overwrite, inputs=(source,))
+    config = source / "config.json"
+    if config.is_file() and "moepress_structure" in json.loads(config.read_text()):
+        # its own model_type builds no skeleton from the config alone; the original is what plans apply to
+        raise MoepressError(f"{source} is already compressed by moepress; apply plans to the original model")
     streamer = Streamer(source, "cpu", dtype, trust_remote_code)
     try:
         model = streamer.model

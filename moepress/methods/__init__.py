@@ -1,8 +1,9 @@
 """Expert-pruning methods: statistics (and, for search, the MoE blocks) in, CompressionPlan out.
 
 `get_method(name)(stats, ratio, seed=..., blocks=..., moe_inputs=..., **hyperparameters)` runs one;
-`available_methods()` lists them (mone, its ablations variance and frequency+novice, and the
-baselines frequency, random, reap, naee).
+`available_methods()` lists them (mone; the paper's ablations mone-zero-novice, mone-variance,
+mone-frequency and baseline rs; moepress's variants variance and frequency+novice; and the baselines
+frequency, random, reap, naee).
 """
 
 from moepress.methods.base import (

@@ -39,13 +39,15 @@ class Selection:
     `scores[layer]` holds one float per expert, lower meaning pruned sooner, described by
     `score_name`, so a report can plot why each expert went. `metadata` carries further per-layer
     lists (keyed by layer as a string, as JSON will store them); `hyperparameters` carries resolved
-    settings the caller did not pass (e.g. which search NAEE ran).
+    settings the caller did not pass (e.g. which search NAEE ran). `zero_novices` (with `novices`)
+    makes every novice vector 0: the router row stays, the output is dropped (MoNE's "w/o novice").
     """
 
     pruned: dict[int, list[int]]
     scores: dict[int, list[float]]
     score_name: str
     novices: bool = False
+    zero_novices: bool = False  # novices output 0 (router row kept) instead of their mean output
     metadata: dict[str, Any] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
 
@@ -117,6 +119,7 @@ def _load_all() -> None:
         naee,
         random_prune,
         reap,
+        rs,
     )
 
 
@@ -243,7 +246,8 @@ def to_plan(
     method: str, stats: CalibrationStats, sel: Selection, hyperparameters: dict[str, Any]
 ) -> CompressionPlan:
     """Turn a Selection into a CompressionPlan: pruned experts become novices (their mean output over
-    routed calibration tokens, `LayerStats.out_mean`) when `sel.novices`, else leave the router."""
+    routed calibration tokens, `LayerStats.out_mean`; a zero vector when `sel.zero_novices`) when
+    `sel.novices`, else leave the router."""
     layers = {}
     for i, gone in sel.pruned.items():
         s = stats[i]
@@ -265,6 +269,7 @@ def to_plan(
             "scores": _by_layer(sel.scores),
             "pruned": _by_layer(sel.pruned),
             "novices": sel.novices,
+            **({"novice_vectors": "zero" if sel.zero_novices else "mean output"} if sel.novices else {}),
             "calibration_tokens": _by_layer({i: stats[i].tokens for i in sel.pruned}),
             **sel.metadata,
         },
@@ -274,7 +279,8 @@ def to_plan(
             for e in gone:
                 # Never-routed experts have out_mean 0: a zero novice keeps their router row (so the
                 # other experts' routing weights do not change) and adds nothing, as they did.
-                plan.set_novice(i, e, stats[i].out_mean[e])
+                mean = stats[i].out_mean[e]
+                plan.set_novice(i, e, torch.zeros_like(mean) if sel.zero_novices else mean)
     return plan
 
 

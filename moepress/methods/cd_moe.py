@@ -1,44 +1,52 @@
 """CD-MoE (Cao et al. 2024, "Condense, Don't Just Prune"): condense whole MoE layers into small dense
 layers — the shared experts plus k routed experts with fixed weights, active for every token — and
-choose the experts and the layers greedily by the divergence of next-token distributions from the
-original model's on calibration tokens. Also the layer-drop baseline, searched the same way.
+choose the experts and the layers greedily by a divergence from the original model on calibration
+documents. Also the layer-drop baseline, searched the same way.
 
 Registered search methods (`methods.search_registry`):
 - `cd-moe-s`: k = 0, a condensed layer is its shared experts only;
-- `cd-moe-sr`: shared + k routed experts (k = `experts`, default 2);
+- `cd-moe-sr`: shared + k routed experts (k = `experts`, default the model's top-k, as the paper's
+  E(2+6) on DeepSeekMoE-16B);
 - `layer-drop`: the layer's whole MLP is removed (residual only).
 
-Fixed weights. A condensed layer computes shared(x) + Σ_e w_e·expert_e(x) for every token. By
-default (`weight_mode="all"`, the paper's) w_e is the mean over ALL calibration tokens of the
-post-top-k gate weight expert e receives from the original router — renormalisation and routed
-scaling included, 0 on tokens not routed to e — so a rarely chosen expert weighs little and Σ_e w_e
-matches the routed output's average total weight. `weight_mode="routed"` averages over the tokens
-routed to e only. Weights come from the original model on the calibration tokens
-(`LayerStats.mean_weight_all_tokens` / `mean_weight_routed_tokens`); experts never routed to
-(weight 0) are never candidates, since keeping them would add bytes and nothing else.
+The defaults are the reference code's (github duterscmy/CD-MoE), step by step:
+- Fixed weights (`cd-moe/get_weight/get_weight.py` L162-166, `weight_mode="routed"`): w_e = mean of
+  the post-top-k gate weight expert e receives over the tokens ROUTED to it (Σ weight / routed
+  count), as the model applies it (renormalised only where its config says so, routed scaling
+  included). A condensed layer computes shared(x) + Σ_e w_e·expert_e(x) for every token, w not
+  renormalised over the kept experts (root `modeling_deepseek.py` L475-490).
+- Expert search (`greedy_search/greedy_search_expert.py`, `metric="hidden-js"`): per MoE layer,
+  only that layer condensed, k greedy steps over every routed expert, each step keeping the
+  candidate of least JS divergence between softmax over the HIDDEN dimension of the original's and
+  the candidate's output of that decoder layer; per-token mean within a document, then mean over
+  documents (`GreedySearch._search_experts_local`).
+- Layer search (`greedy_search/greedy_search_layer.py`): greedy (beam 1); at each step every
+  not-yet-chosen MoE layer is tried on top of the chosen ones, each with its expert-search order,
+  scored by the same hidden-dimension JS at the final normed hidden state (before the LM head).
+- Calibration (`greedy_search_expert.py` L60-70): separate documents, BOS first, truncated to 256
+  tokens, 100 of them — `moepress.data.documents`, the CLI's default for these methods.
 
-Expert search (k > 0). For each MoE layer l, once: with l condensed and every other layer original,
-greedily add the routed expert whose inclusion minimises the metric, k times (ties to the lower id).
-The order found is reused by the layer search for every step, as the paper's code does (its expert
-search also runs per layer with only that layer pruned): expert choice in the context of the layers
-already condensed would multiply the cost by the number of layer steps for a second-order effect.
-`expert_pool=P` restricts the candidates to the P experts with the largest weights (an approximation
-for quick runs; the default considers every routed expert).
+moepress's variants, kept as hyperparameters and measured beside the defaults (`bench/fidelity.py`):
+- `metric="vocab-js"` (alias "js"): JS between next-token distributions over the vocabulary at the
+  LM head, for both searches — what a user of the compressed model sees, rather than a proxy in
+  hidden space; `"kl"` and `"ppl"` are the paper's Figure 5 alternatives. With a next-token metric
+  the expert search runs the rest of the model for every candidate (far costlier, see
+  `methods.greedy_search`).
+- `weight_mode="all"`: w_e = mean over ALL calibration tokens (0 where not routed), so a rarely
+  chosen expert weighs little and Σ w_e matches the routed output's average total weight
+  (about 10× smaller weights than the reference's at k = 6).
+- `experts=N`: fewer routed experts than top-k (smaller condensed layers).
+- `expert_pool=P`: only the P experts of largest weight are candidates (quick runs).
+Experts never routed to on the calibration data (weight 0) are never candidates (the reference
+tries them with a fallback weight; keeping one adds bytes and nothing else).
 
-Layer search. Greedily pick, one at a time, the MoE layer whose condensation (with its expert
-choice) minimises the metric of the model with all layers chosen so far condensed, until `layers`
-are chosen or the predicted checkpoint is at most `memory_budget` × the original's bytes. The value
-after each step — the metric of that cumulative model, the paper's Figure 2 curve — goes to
-`plan.metadata["curve"]`, with every candidate's value per step in `["candidates"]`. The values are
-usually but not necessarily non-decreasing: condensing one more layer can, by chance, offset an
-earlier layer's error; they are recorded as measured. Greedy steps are sequential, so the plan for
-n layers is the first n steps of a longer search (`prefix_plan`).
+Layer search stopping and output: until `layers` are chosen or the predicted checkpoint is at most
+`memory_budget` × the original's bytes. The value after each step goes to `plan.metadata["curve"]`
+(the paper's Figure 2 curve), every candidate's value per step to `["candidates"]`. Greedy steps are
+sequential, so the plan for n layers is the first n steps of a longer search (`prefix_plan`).
 
 Candidate layers. `candidate_layers=[...]` restricts both searches to those MoE layers (the others
 stay original and are never candidates), so a recipe can condense some layers and prune others.
-
-Metric: "js" (default), "kl" (KL(original ‖ candidate)) or "ppl" (the candidate's perplexity on the
-calibration tokens) — the paper's Figure 5 compares the three.
 
 Cost: see `methods.greedy_search` for the cached search and its layer-forward formulas; the counts of
 the search that ran and of the naive search (whole model per candidate) are recorded in
@@ -64,7 +72,7 @@ from moepress.methods.greedy_search import (
     fast_layer_forwards,
     naive_layer_forwards,
 )
-from moepress.methods.scoring import METRICS, Metric
+from moepress.methods.scoring import Metric, check_metric
 from moepress.methods.search_registry import dropped, register_search_method
 from moepress.models import get_adapter
 from moepress.plan import CompressionPlan, Condense, Drop, LayerAction, model_fingerprint
@@ -75,7 +83,7 @@ WeightMode = Literal["all", "routed"]
 
 def _check_args(
     model: nn.Module, input_ids: torch.Tensor, layers: int | None, memory_budget: float | None,
-    experts: int, metric: str, weight_mode: str, expert_pool: int | None, batch_size: int,
+    experts: int | None, metric: str, weight_mode: str, expert_pool: int | None, batch_size: int,
     candidate_layers: list[int] | None = None,
 ) -> None:
     if (layers is None) == (memory_budget is None):
@@ -97,10 +105,9 @@ def _check_args(
         raise MoepressError(
             f"memory_budget is the share of the original bytes to keep, in (0, 1); got {memory_budget!r}"
         )
-    if isinstance(experts, bool) or not isinstance(experts, int) or experts < 0:
+    if experts is not None and (isinstance(experts, bool) or not isinstance(experts, int) or experts < 0):
         raise MoepressError(f"experts must be a non-negative integer (routed experts kept); got {experts!r}")
-    if metric not in METRICS:
-        raise MoepressError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    check_metric(metric)
     if weight_mode not in ("all", "routed"):
         raise MoepressError(f"unknown weight mode {weight_mode!r}; use 'all' or 'routed'")
     if expert_pool is not None and expert_pool < 1:
@@ -124,11 +131,11 @@ def cd_moe(
     model: nn.Module,
     input_ids: torch.Tensor,
     *,
-    experts: int = 2,
+    experts: int | None = None,
     layers: int | None = None,
     memory_budget: float | None = None,
-    metric: Metric = "js",
-    weight_mode: WeightMode = "all",
+    metric: Metric = "hidden-js",
+    weight_mode: WeightMode = "routed",
     drop: bool = False,
     expert_pool: int | None = None,
     batch_size: int = 8,
@@ -139,7 +146,8 @@ def cd_moe(
 ) -> CompressionPlan:
     """Search which MoE layers to condense (or, with `drop`, drop) and return the plan.
 
-    `experts` routed experts are kept per condensed layer (0: shared experts only); only
+    `experts` routed experts are kept per condensed layer (0: shared experts only; None: the
+    layer's top-k); only
     `candidate_layers` (default: every MoE layer) may be chosen. The model is moved to `device` for
     the search and back; it is never changed. See the module docstring.
     """
@@ -148,6 +156,8 @@ def cd_moe(
         candidate_layers,
     )
     method = method or ("layer-drop" if drop else "cd-moe-s" if experts == 0 else "cd-moe-sr")
+    top_k = {i: b.top_k for i, b in get_adapter(model).blocks(model).items()}
+    kept = {i: k if experts is None else experts for i, k in top_k.items()}
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     was_training = model.training
@@ -168,12 +178,12 @@ def cd_moe(
                 actions[i] = Drop()
                 continue
             weights = condense_weights(search.stats[i], weight_mode)
-            if experts == 0:
+            if kept[i] == 0:
                 actions[i] = Condense(experts=[], weights=[], keep_shared=True)
                 continue
             pool = _expert_pool(weights, expert_pool)
-            found = search.search_experts(i, experts, [float(w) for w in weights], pool)
-            expert_candidates[i] = expert_candidate_count(len(pool), experts)
+            found = search.search_experts(i, kept[i], [float(w) for w in weights], pool)
+            expert_candidates[i] = expert_candidate_count(len(pool), kept[i])
             actions[i] = condense_action(found.order, weights)
             expert_meta[str(i)] = {"order": found.order, "curve": found.curve, "pool": len(pool)}
         original = size_of(model).bytes
@@ -188,7 +198,7 @@ def cd_moe(
                 raise MoepressError(
                     f"memory_budget {memory_budget} is out of reach: with every MoE layer "
                     f"{'dropped' if drop else 'condensed'} the model keeps {lowest:.3f} of its bytes; "
-                    "raise the budget" + ("" if drop or experts == 0 else " or keep fewer experts")
+                    "raise the budget" + ("" if drop or experts == 0 else " or keep fewer experts (--experts)")
                 )
 
             def done(chosen: dict) -> bool:
@@ -200,6 +210,7 @@ def cd_moe(
 
         steps = search.search_layers(actions, done)
         counts = search.counts
+        local_experts = search.local_expert_metric
     finally:
         model.to(home)
         model.train(was_training)
@@ -217,14 +228,14 @@ def cd_moe(
     if metric == "ppl":
         naive -= num_layers  # no reference distributions to compute
     expected = fast_layer_forwards(
-        num_layers, expert_candidates, list(zip(step_candidates, order, strict=True))
+        num_layers, expert_candidates, list(zip(step_candidates, order, strict=True)), local_experts
     )
     if counts.layer_forwards != expected:  # the formula documents the search; keep them in step
         raise AssertionError(f"layer-forwards {counts.layer_forwards} != formula {expected}")
     return CompressionPlan(
         method=method,
         hyperparameters={
-            "experts": 0 if drop else experts,
+            "experts": 0 if drop else (experts if experts is not None else _uniform(kept)),
             "layers": layers,
             "memory_budget": memory_budget,
             "metric": metric,
@@ -260,6 +271,11 @@ def cd_moe(
     )
 
 
+def _uniform(per_layer: dict[int, int]) -> int | dict[str, int]:
+    values = set(per_layer.values())
+    return values.pop() if len(values) == 1 else {str(i): k for i, k in per_layer.items()}
+
+
 def prefix_plan(plan: CompressionPlan, n: int) -> CompressionPlan:
     """The plan of the first `n` layer steps of a greedy search plan (what a search for n layers gives)."""
     order = plan.metadata.get("order")
@@ -287,17 +303,18 @@ def cd_moe_sr(
     *,
     layers: int | None = None,
     memory_budget: float | None = None,
-    experts: int = 2,
-    metric: Metric = "js",
-    weight_mode: WeightMode = "all",
+    experts: int | None = None,
+    metric: Metric = "hidden-js",
+    weight_mode: WeightMode = "routed",
     expert_pool: int | None = None,
     batch_size: int = 8,
     device: torch.device | str | None = None,
     candidates_per_forward: int | None = None,
     candidate_layers: list[int] | None = None,
 ) -> CompressionPlan:
-    """CD-MoE-SR: condensed layers keep the shared experts and `experts` greedily chosen routed ones."""
-    if experts < 1:
+    """CD-MoE-SR: condensed layers keep the shared experts and `experts` greedily chosen routed ones
+    (default: as many as the layer's top-k, the paper's setting)."""
+    if experts is not None and experts < 1:
         raise MoepressError("cd-moe-sr keeps at least one routed expert; use cd-moe-s for shared experts")
     return cd_moe(
         model, input_ids, experts=experts, layers=layers, memory_budget=memory_budget, metric=metric,
@@ -313,7 +330,7 @@ def cd_moe_s(
     *,
     layers: int | None = None,
     memory_budget: float | None = None,
-    metric: Metric = "js",
+    metric: Metric = "hidden-js",
     batch_size: int = 8,
     device: torch.device | str | None = None,
     candidates_per_forward: int | None = None,
@@ -335,7 +352,7 @@ def layer_drop(
     *,
     layers: int | None = None,
     memory_budget: float | None = None,
-    metric: Metric = "js",
+    metric: Metric = "hidden-js",
     batch_size: int = 8,
     device: torch.device | str | None = None,
     candidates_per_forward: int | None = None,

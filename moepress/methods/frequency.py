@@ -1,8 +1,11 @@
 """Frequency baseline: remove each layer's least frequently routed experts (no novices).
 
-Frequency is the share of routed token slots that pick the expert (`LayerStats.frequency`), the
-usage count behind "routing score" pruning. Ties (e.g. several never-routed experts) go by lower
-mean router weight, then lower expert id.
+Frequency is the share of routed token slots that pick the expert (`LayerStats.frequency`), a usage
+count. Ties (e.g. several never-routed experts) go by lower mean router weight, then lower expert id.
+
+This is moepress's own baseline, not the MoNE paper's RS (`rs`, rs.py): RS scores an expert by its
+mean gate WEIGHT over all tokens, not by how often it is picked, and prunes against ONE threshold over
+all layers, not the same count per layer.
 """
 
 from __future__ import annotations

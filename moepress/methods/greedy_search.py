@@ -41,7 +41,7 @@ from torch import nn
 
 from moepress.calibrate.runner import _to, capture_inputs
 from moepress.errors import MoepressError
-from moepress.methods.scoring import Metric, NextTokenScorer
+from moepress.methods.scoring import FinalHiddenScorer, HiddenReference, Metric, NextTokenScorer, check_metric
 from moepress.methods.simulate import actions_applied, forward_replaced
 from moepress.models import get_adapter
 from moepress.models.base import MoEBlock
@@ -132,10 +132,12 @@ def fast_layer_forwards(
     num_layers: int,
     expert_candidates: Mapping[int, int],
     layer_steps: list[tuple[list[int], int]],
+    local_experts: bool = False,
 ) -> int:
-    """Layer-forwards of the cached search; `layer_steps` is [(candidate layers, chosen layer)]."""
+    """Layer-forwards of the cached search; `layer_steps` is [(candidate layers, chosen layer)].
+    With `local_experts` (the reference metric) expert candidates are scored at their own layer."""
     after = lambda l: num_layers - 1 - l  # noqa: E731 - the formula reads best inline
-    total = num_layers + sum(c * after(l) for l, c in expert_candidates.items())
+    total = num_layers + (0 if local_experts else sum(c * after(l) for l, c in expert_candidates.items()))
     for j, (cands, chosen) in enumerate(layer_steps):
         total += sum(after(m) for m in cands)
         if j < len(layer_steps) - 1:
@@ -178,7 +180,7 @@ class GreedySearch:
         model: nn.Module,
         input_ids: torch.Tensor,
         *,
-        metric: Metric = "js",
+        metric: Metric = "hidden-js",
         batch_size: int = 8,
         device: torch.device | str | None = None,
         storage: torch.device | str | None = None,
@@ -186,6 +188,7 @@ class GreedySearch:
         reference_cache_bytes: int = 2 * 2**30,
         expert_cache_bytes: int = 2**30,
     ):
+        check_metric(metric)
         self.model = model
         self.adapter = get_adapter(model)
         self.layers = self.adapter.layers(model)
@@ -208,15 +211,25 @@ class GreedySearch:
         self.x: dict[int, list[torch.Tensor]] = {}
         self.mid: dict[int, list[torch.Tensor]] = {}
         final = self._original_pass(inputs.hidden)
-        self.scorer = NextTokenScorer(
-            self.adapter.final_norm(model),
-            model.get_output_embeddings(),
-            metric,
-            [ids.to(self.device) for ids in self.input_ids],
-            final if metric != "ppl" else None,
-            reference_cache_bytes=reference_cache_bytes,
-        )
+        self.metric = metric
+        self.norm = self.adapter.final_norm(model)
+        if metric == "hidden-js":
+            self.scorer = FinalHiddenScorer(self.norm, final)
+        else:
+            self.scorer = NextTokenScorer(
+                self.norm,
+                model.get_output_embeddings(),
+                metric,
+                [ids.to(self.device) for ids in self.input_ids],
+                final if metric != "ppl" else None,
+                reference_cache_bytes=reference_cache_bytes,
+            )
         self.counts.metric_evals += 0 if metric == "ppl" else 1  # the reference distributions
+
+    @property
+    def local_expert_metric(self) -> bool:
+        """The expert search scores the condensed layer's own output (CD-MoE's reference), not the model's."""
+        return self.metric == "hidden-js"
 
     # ---- running layers ------------------------------------------------------------------------
     def _layer(self, j: int, h: torch.Tensor, kw: dict, n: int = 1) -> torch.Tensor:
@@ -321,8 +334,11 @@ class GreedySearch:
         """Greedily add, k times, the expert of `pool` whose addition minimises the metric.
 
         Context: layer `layer` condensed (shared experts + the experts chosen so far, fixed
-        `weights[e]`), every other layer original. Ties go to the lower expert id.
+        `weights[e]`), every other layer original. Ties go to the lower expert id. With the
+        reference metric ("hidden-js") the metric is taken at the condensed layer's own output.
         """
+        if self.local_expert_metric:
+            return self._search_experts_local(layer, k, weights, pool)
         block = self.blocks[layer]
         hsize = block.hidden_size
         xs, mids = self.x[layer], self.mid[layer]
@@ -351,6 +367,44 @@ class GreedySearch:
             order.append(e)
             curve.append(values[best])
             routed = [r + weights[e] * expert_out(e, i) for i, r in enumerate(routed)]
+        return ExpertSearch(layer=layer, order=order, curve=curve, pool=list(pool))
+
+    @torch.no_grad()
+    def _search_experts_local(self, layer: int, k: int, weights: list[float], pool: list[int]) -> ExpertSearch:
+        """CD-MoE's reference expert search (`greedy_search_expert.py` L54-107, L211-261): JS over the
+        hidden dimension between the original's and the candidate's output of decoder layer `layer`
+        itself (`hidden_states[moe_layer + 2]`; for the last decoder layer that state is after the
+        final norm, so the norm is applied there too), per-sequence token means, mean over sequences.
+        No later layer runs, so a candidate costs one expert term and one softmax."""
+        block = self.blocks[layer]
+        hsize = block.hidden_size
+        last = layer == self.num_layers - 1
+        post = self.norm if last else (lambda h: h)
+        expert_out = self._expert_outputs(layer, pool)
+        refs, base = [], []
+        for x, mid in zip(self.x[layer], self.mid[layer], strict=True):
+            x, mid = x.to(self.device), mid.to(self.device)
+            refs.append(HiddenReference(post(mid + block.module(x).reshape(mid.shape))))
+            shared = block.shared_out(x.reshape(-1, hsize))
+            base.append(mid if shared is None else mid + shared.reshape(mid.shape))
+        sequences = sum(m.shape[0] for m in base)
+        order: list[int] = []
+        curve: list[float] = []
+        for _ in range(min(k, len(pool))):
+            remaining = [e for e in pool if e not in order]
+            values = []
+            for e in remaining:
+                total = 0.0
+                for i, ref in enumerate(refs):
+                    cand = base[i] + (weights[e] * expert_out(e, i)).reshape(base[i].shape)
+                    total += float(ref.js(post(cand)).mean(-1).double().sum())
+                values.append(total / sequences)
+            self.counts.metric_evals += len(remaining)
+            best = min(range(len(values)), key=lambda c: (values[c], c))
+            e = remaining[best]
+            order.append(e)
+            curve.append(values[best])
+            base = [b + (weights[e] * expert_out(e, i)).reshape(b.shape) for i, b in enumerate(base)]
         return ExpertSearch(layer=layer, order=order, curve=curve, pool=list(pool))
 
     # ---- layer search --------------------------------------------------------------------------

@@ -3,38 +3,55 @@
 it. The router keeps the novice's row, so every token is routed exactly as before; a token sent to a
 novice gets `weight × mean output` instead of `weight × expert(x)`.
 
-Redundancy from two per-expert metrics of each layer:
+By default `mone` computes what the paper's reference code computes (github.com/zxgx/mode-pd,
+`modepd/pruning/expert_prune.py` `expert_prune_by_mone`, "EP" below; paper configuration
+`scripts/expert_prune/mone-layer-rs-out-fusion.sh`: `--mone_ranking_metric fusion
+--expert_ranking_scope layer`, `fusion_io_weight` 0.5), step by step:
 
-- access frequency f: the share of routed token slots that pick the expert
-  (`LayerStats.frequency`, sums to 1 over a layer). `frequency_metric="weight"` uses instead the
-  mean router weight over all tokens (`LayerStats.mean_weight_all_tokens`), which is what the
-  reference code (github.com/zxgx/mode-pd) accumulates as its "routing score";
-- output variance v: over the tokens routed to the expert, the variance of each hidden dimension
-  of its unweighted output, averaged over the H hidden dimensions, i.e. trace(Cov)/H
-  (`LayerStats.output_variance`; population variance, 0 for an expert routed to once or never).
-  The paper and reference code use ‖per-dimension std‖₂ = sqrt(trace(Cov)), a monotone function
-  of v; the exponent it implies is absorbed by the fusion weight below.
+1. Routing score r (EP L507-542, gate hook): the post-top-k gate weight each token gives the expert
+   (0 where it is not routed), averaged over ALL tokens: `LayerStats.mean_weight_all_tokens`.
+   (The reference divides by #sequences for DeepSeek, #tokens for OLMoE: one constant per layer,
+   and the same for every layer, so no ranking changes.)
+2. Output fluctuation o (EP L457-503 expert hook, reduced at EP L606): per hidden dimension, the
+   variance of the expert's UNWEIGHTED output over the tokens routed to it; o = ‖sqrt(var)‖₂ =
+   sqrt(Σ_d var_d) = sqrt(trace Cov). From `LayerStats.out_m2 / count`; 0 for a never-routed expert.
+   The one known numeric difference: the reference's running update (EP L475-480) skips the variance
+   contribution of the first batch that reaches each expert and takes deviations from the running
+   mean (roughly a sample variance); ours is the exact population variance, accumulated in float64.
+   Over 10^5 calibration tokens that is a relative change of order 1/(tokens per expert): negligible.
+3. Fusion (EP L602-607): metric = (a·o)·((1−a)·r) with a = `fusion_weight` = 0.5. No normalisation:
+   a only scales, so experts rank by r · sqrt(trace Cov); higher = more important. The plan's scores
+   are these metric values.
+4. Allocation (EP L633-645, scope "layer"): exactly E − round(ratio·E) experts kept per MoE layer
+   (48 or 32 of 64 at ratio 0.25 / 0.5); the others, lowest metric first, become novices. The
+   reference keeps metric > sorted_desc[preserve_n], so ties at the threshold would all go; here
+   ties go by lower r, then lower o, then lower expert id. `allocation="global"` is the reference's
+   "model" scope (EP L627-631): one threshold over the raw metrics of all layers
+   (`rs.choose_global_threshold`; every layer keeps at least top_k full experts).
+5. Novices (EP L641-662): each pruned expert becomes `approx_value` = its mean unweighted output over
+   its routed calibration tokens (`LayerStats.out_mean`), router row kept. `novices="zero"` is the
+   reference's `--zero_out_novice` (EP L659-661): the novice vector is 0 (the paper's "w/o novice"
+   ablation); `novices=False` (moepress's own ablation) removes the experts' router rows instead, so
+   the softmax renormalises and tokens re-route: a different experiment.
 
-Normalisation, within each layer: each metric is divided by its layer maximum (f̂ = f / max f,
-v̂ = v / max v, both in [0, 1]). The reference code normalises nothing (its scores are only compared
-within a layer, where a positive per-layer scale changes no ranking); we need a per-layer scale for
-`allocation="global"`, and dividing by the max is the one that keeps 0 meaning "contributes
-nothing" and keeps ratios intact, which the product below needs. Min-max would send each layer's
-least-used expert to 0 whatever its variance, and the product would then prune it unconditionally.
+Single-metric rankings, with novices (the paper's ablations, also registered as `mone-variance` and
+`mone-frequency` in mone_ablations.py): `ranking="output_fluctuation"` ranks by ‖var‖₂ (EP L597-601:
+`torch.norm(fluc)`, the L2 norm of the per-dimension variance vector, not the trace) and
+`ranking="routing_score"` by r alone (EP L594-596).
 
-Fusion: importance = f̂^α · v̂^(1−α) with α = `fusion_weight` (redundancy = low importance; the
-least important are pruned). The reference code fuses by a product too (its weight only scales the
-product). A product, not a sum, because replacing an expert by its mean is harmless when EITHER it
-is rarely used OR its output barely varies: the squared error a novice adds over the calibration
-set is Σ_routed w²‖y − ȳ‖² ≈ E[w²] · count · H · v, i.e. proportional to f · v. Hence the default
-α = 0.5, which ranks experts exactly by f · v, the estimated error of the novice; the reference
-code's f · sqrt(v) corresponds to α = 2/3. α = 1 is frequency only, α = 0 variance only (the two
-ablations in `mone_ablations.py`). An expert whose output is constant has v = 0 and goes first; its
-novice reproduces it exactly.
+`ranking="mse"` is moepress's earlier variant (kept for comparison): count frequency f (share of top-k
+slots, `LayerStats.frequency`) and v = trace(Cov)/H (`LayerStats.output_variance`), each divided by
+its layer max (which keeps 0 meaning "contributes nothing" and makes layers comparable for
+`allocation="global"`), importance = f̂^α · v̂^(1−α), α = `fusion_weight`. Rationale: the squared error
+a novice adds over the calibration set is Σ_routed w²‖y − ȳ‖² ≈ E[w²] · count · H · v, proportional
+to f · v, which α = 0.5 ranks by exactly (the reference's r · sqrt(trace Cov) is α = 2/3 in this form,
+with gate-weight frequency). α = 1 is frequency only, α = 0 variance only (the `frequency+novice` and
+`variance` methods). Its global allocation uses `choose_global` (normalised keys, top_k caps).
 
-Never-routed experts (f = 0, v = 0) are pruned first and become zero novices (their out_mean is 0):
-the router row stays, so the other experts' weights are unchanged, and they add nothing, as before.
-Ties are broken by lower frequency, then lower variance, then lower expert id.
+`frequency_metric` picks the frequency behind r (or f): "weight" (mean gate weight over all tokens,
+the reference) or "count"; left unset it is "weight", except "count" under `ranking="mse"`; the plan
+records the resolved value. Never-routed experts score 0 under every ranking and go first; their
+novice is 0 (out_mean of no tokens), so keeping their router row changes nothing.
 """
 
 from __future__ import annotations
@@ -46,7 +63,9 @@ import torch
 from moepress.calibrate.stats import CalibrationStats, LayerStats
 from moepress.errors import MoepressError
 from moepress.methods.base import Selection, choose_global, choose_uniform, floats, register_method
+from moepress.methods.rs import choose_global_threshold
 
+RANKINGS = ("fusion", "output_fluctuation", "routing_score", "mse")
 ALLOCATIONS = ("uniform", "global")
 FREQUENCY_METRICS = ("count", "weight")
 
@@ -56,10 +75,30 @@ def _normalised(t: torch.Tensor) -> torch.Tensor:
     return t / top if top > 0 else torch.zeros_like(t)
 
 
+def routing_frequency(s: LayerStats, frequency_metric: str = "weight") -> torch.Tensor:
+    """Per expert, float64: mean gate weight over all tokens ("weight") or share of top-k slots ("count")."""
+    return (s.frequency if frequency_metric == "count" else s.mean_weight_all_tokens).double()
+
+
+def output_variance_per_dim(s: LayerStats) -> torch.Tensor:
+    """[E, H] float64: per hidden dimension, the population variance of each expert's unweighted
+    output over its routed tokens (0 for never-routed experts)."""
+    return s.out_m2.double() / s.count.double().clamp(min=1)[:, None] * (s.count > 0)[:, None]
+
+
+def output_fluctuation(s: LayerStats) -> torch.Tensor:
+    """The reference's fusion term ‖sqrt(var)‖₂ = sqrt(trace Cov) per expert (EP L606)."""
+    return output_variance_per_dim(s).sum(-1).sqrt()
+
+
+def variance_norm(s: LayerStats) -> torch.Tensor:
+    """The reference's variance-only metric ‖var‖₂, the L2 norm of the per-dimension variances (EP L600)."""
+    return output_variance_per_dim(s).norm(dim=-1)
+
+
 def layer_metrics(s: LayerStats, frequency_metric: str = "count") -> tuple[torch.Tensor, torch.Tensor]:
-    """(access frequency, output variance) per expert of one layer, float64."""
-    freq = s.frequency if frequency_metric == "count" else s.mean_weight_all_tokens
-    return freq.double(), s.output_variance.double()
+    """`ranking="mse"`'s (frequency, trace(Cov)/H) per expert of one layer, float64."""
+    return routing_frequency(s, frequency_metric), s.output_variance.double()
 
 
 def importance(freq: torch.Tensor, var: torch.Tensor, fusion_weight: float) -> torch.Tensor:
@@ -67,44 +106,86 @@ def importance(freq: torch.Tensor, var: torch.Tensor, fusion_weight: float) -> t
     return _normalised(freq).pow(fusion_weight) * _normalised(var).pow(1 - fusion_weight)
 
 
-def mone_selection(
-    stats: CalibrationStats,
-    ratio: float,
-    *,
-    fusion_weight: float,
-    allocation: str,
-    novices: bool,
-    frequency_metric: str = "count",
-) -> Selection:
-    """The MoNE decision for any fusion weight; shared by `mone` and its single-metric ablations."""
+def _check(ranking, fusion_weight, allocation, novices, frequency_metric) -> None:
+    if ranking not in RANKINGS:
+        raise MoepressError(f"ranking must be one of {', '.join(RANKINGS)} (got {ranking!r})")
     number = isinstance(fusion_weight, int | float) and not isinstance(fusion_weight, bool)
     if not number or not 0 <= fusion_weight <= 1:
         raise MoepressError(f"fusion_weight must be in [0, 1] (got {fusion_weight!r}); the default is 0.5")
+    if ranking == "fusion" and fusion_weight in (0, 1):
+        raise MoepressError(
+            f"fusion_weight={fusion_weight} zeroes every score under ranking=fusion, whose metric is "
+            "(a·fluctuation)·((1−a)·routing score) (a only scales it); rank by one metric with "
+            "ranking=output_fluctuation or ranking=routing_score, or use ranking=mse"
+        )
     if allocation not in ALLOCATIONS:
         raise MoepressError(f"allocation must be one of {', '.join(ALLOCATIONS)} (got {allocation!r})")
     if frequency_metric not in FREQUENCY_METRICS:
         raise MoepressError(
             f"frequency_metric must be one of {', '.join(FREQUENCY_METRICS)} (got {frequency_metric!r})"
         )
-    if not isinstance(novices, bool):
-        raise MoepressError(f"novices must be true or false (got {novices!r})")
-    scores, freqs, variances, keys = {}, {}, {}, {}
+    if not (isinstance(novices, bool) or novices == "zero"):
+        raise MoepressError(f"novices must be true, false or zero (got {novices!r})")
+
+
+def mone_selection(
+    stats: CalibrationStats,
+    ratio: float,
+    *,
+    fusion_weight: float = 0.5,
+    allocation: str = "uniform",
+    novices: bool | str = True,
+    frequency_metric: str | None = None,
+    ranking: str = "fusion",
+) -> Selection:
+    """The MoNE decision for every ranking; shared by `mone` and its ablations. Records the resolved
+    `frequency_metric` in `Selection.hyperparameters`."""
+    if frequency_metric is None:
+        frequency_metric = "count" if ranking == "mse" else "weight"
+    _check(ranking, fusion_weight, allocation, novices, frequency_metric)
+    a = float(fusion_weight)
+    scores, keys, meta = {}, {}, {"frequency": {}}
     for i in sorted(stats.layers):
-        f, v = layer_metrics(stats[i], frequency_metric)
-        imp = importance(f, v, float(fusion_weight))
-        scores[i], freqs[i], variances[i] = floats(imp), floats(f), floats(v)
-        keys[i] = list(zip(scores[i], freqs[i], variances[i], strict=True))
-    choose = choose_uniform if allocation == "uniform" else choose_global
+        s = stats[i]
+        r = routing_frequency(s, frequency_metric)
+        if ranking == "mse":
+            v = s.output_variance.double()
+            metric, tiebreak, name = importance(r, v, a), [r, v], "output_variance"
+        elif ranking == "fusion":
+            v = output_fluctuation(s)
+            metric, tiebreak, name = (a * v) * ((1 - a) * r), [r, v], "output_fluctuation"
+        elif ranking == "output_fluctuation":
+            v = variance_norm(s)
+            metric, tiebreak, name = v, [r], "output_variance_norm"
+        else:  # routing_score
+            v = output_fluctuation(s)
+            metric, tiebreak, name = r, [v], "output_fluctuation"
+        scores[i] = floats(metric)
+        keys[i] = list(zip(scores[i], *(floats(t) for t in tiebreak), strict=True))
+        meta["frequency"][str(i)] = floats(r)
+        meta.setdefault(name, {})[str(i)] = floats(v)
+    if allocation == "uniform":
+        pruned = choose_uniform(stats, ratio, keys)
+    elif ranking == "mse":
+        pruned = choose_global(stats, ratio, keys)
+    else:
+        pruned = choose_global_threshold(stats, ratio, scores)
+    freq_name = "mean gate weight" if frequency_metric == "weight" else "count frequency"
+    score_name = {
+        "fusion": f"(a·sqrt(trace Cov))·((1−a)·{freq_name}), a={a:g}",
+        "output_fluctuation": "L2 norm of the per-dimension output variance",
+        "routing_score": freq_name,
+        "mse": f"importance f^{a:g}·v^{1 - a:g} (f = {freq_name}, v = trace(Cov)/H, each divided by its "
+        "layer max)",
+    }[ranking]
     return Selection(
-        pruned=choose(stats, ratio, keys),
+        pruned=pruned,
         scores=scores,
-        score_name=f"importance f^{fusion_weight:g}·v^{1 - fusion_weight:g} (f, v divided by their layer "
-        "max); lowest pruned first",
-        novices=novices,
-        metadata={
-            "frequency": {str(i): x for i, x in freqs.items()},
-            "output_variance": {str(i): x for i, x in variances.items()},
-        },
+        score_name=score_name + "; lowest pruned first",
+        novices=novices is not False,
+        zero_novices=novices == "zero",
+        metadata=meta,
+        hyperparameters={"frequency_metric": frequency_metric},
     )
 
 
@@ -116,14 +197,16 @@ def mone(
     seed: int = 0,
     blocks=None,
     moe_inputs=None,
+    ranking: Literal["fusion", "output_fluctuation", "routing_score", "mse"] = "fusion",
     fusion_weight: float = 0.5,
     allocation: Literal["uniform", "global"] = "uniform",
-    novices: bool = True,
-    frequency_metric: Literal["count", "weight"] = "count",
+    novices: bool | Literal["zero"] = True,
+    frequency_metric: Literal["count", "weight"] | None = None,
 ) -> Selection:
     """Replace the `ratio` least important experts of each layer (or of the model, with
-    `allocation="global"`) by novices; `novices=False` is the plain-pruning ablation."""
+    `allocation="global"`) by novices, ranked as the reference code does (`ranking="mse"`: moepress's
+    variant); `novices="zero"` zeroes the novices, `novices=False` removes the experts instead."""
     return mone_selection(
-        stats, ratio, fusion_weight=fusion_weight, allocation=allocation, novices=novices,
+        stats, ratio, ranking=ranking, fusion_weight=fusion_weight, allocation=allocation, novices=novices,
         frequency_metric=frequency_metric,
     )

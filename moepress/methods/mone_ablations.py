@@ -1,6 +1,23 @@
-"""The two single-metric ablations of MoNE (its paper's Figure 4): rank experts by output variance
-only, or by access frequency only, and still replace the pruned ones with novices. They are MoNE
-with the fusion weight pinned to 0 or 1, so any difference to `mone` is the other metric's doing.
+"""MoNE's ablations: the paper's three, as its reference code runs them, and moepress's two variants.
+
+The paper's (github.com/zxgx/mode-pd, `modepd/pruning/expert_prune.py` "EP"; each at
+`--expert_ranking_scope layer`), all `mone` with one setting changed, so any difference to `mone` is
+that setting's doing:
+- `mone-zero-novice` ("w/o novice", `scripts/expert_prune/mone-novice.sh`, `--zero_out_novice`,
+  EP L659-661): the fusion ranking, and each pruned expert keeps its router row but outputs 0. Routing
+  and the other experts' weights are unchanged; the pruned expert's share of the output is lost.
+- `mone-variance` ("output fluctuation only", `mone-out.sh`, EP L597-601): rank by ‖var‖₂, the L2 norm
+  of the per-dimension variance vector of the unweighted output (not its trace), novices as usual.
+- `mone-frequency` ("routing score only", `mone-rs.sh`, EP L594-596): rank by the mean post-top-k gate
+  weight over all tokens, novices as usual.
+
+moepress's variants, ablations of `mone --hp ranking=mse` (count frequency f and trace(Cov)/H, each
+divided by its layer max, importance f̂^α·v̂^(1−α)) with α pinned:
+- `variance` (α = 0): ranks by trace(Cov)/H, i.e. ‖var‖₁/H, where the paper uses ‖var‖₂;
+- `frequency+novice` (α = 1): ranks by COUNT frequency (share of top-k slots), where the paper uses the
+  mean gate weight.
+`mone --hp novices=false` (pruned experts leave the router, tokens re-route) is moepress's own
+"without novice" experiment, not the paper's zero novice.
 """
 
 from __future__ import annotations
@@ -10,6 +27,56 @@ from typing import Literal
 from moepress.calibrate.stats import CalibrationStats
 from moepress.methods.base import Selection, register_method
 from moepress.methods.mone import mone_selection
+
+
+def _pinned(sel: Selection, **hp) -> Selection:
+    sel.hyperparameters = {**sel.hyperparameters, **hp}
+    return sel
+
+
+@register_method("mone-zero-novice")
+def mone_zero_novice(
+    stats: CalibrationStats,
+    ratio: float,
+    *,
+    seed: int = 0,
+    blocks=None,
+    moe_inputs=None,
+    allocation: Literal["uniform", "global"] = "uniform",
+) -> Selection:
+    """MoNE's ranking, novices replaced by zero vectors (router rows kept): the paper's "w/o novice"."""
+    sel = mone_selection(stats, ratio, ranking="fusion", allocation=allocation, novices="zero")
+    return _pinned(sel, ranking="fusion", fusion_weight=0.5, novices="zero")
+
+
+@register_method("mone-variance")
+def mone_variance(
+    stats: CalibrationStats,
+    ratio: float,
+    *,
+    seed: int = 0,
+    blocks=None,
+    moe_inputs=None,
+    allocation: Literal["uniform", "global"] = "uniform",
+) -> Selection:
+    """Novices for the experts of lowest ‖per-dimension output variance‖₂ (the paper's variance-only)."""
+    sel = mone_selection(stats, ratio, ranking="output_fluctuation", allocation=allocation, novices=True)
+    return _pinned(sel, ranking="output_fluctuation", novices=True)
+
+
+@register_method("mone-frequency")
+def mone_frequency(
+    stats: CalibrationStats,
+    ratio: float,
+    *,
+    seed: int = 0,
+    blocks=None,
+    moe_inputs=None,
+    allocation: Literal["uniform", "global"] = "uniform",
+) -> Selection:
+    """Novices for the experts of lowest mean gate weight (the paper's routing-score-only)."""
+    sel = mone_selection(stats, ratio, ranking="routing_score", allocation=allocation, novices=True)
+    return _pinned(sel, ranking="routing_score", novices=True)
 
 
 @register_method("variance")
@@ -22,10 +89,9 @@ def variance(
     moe_inputs=None,
     allocation: Literal["uniform", "global"] = "uniform",
 ) -> Selection:
-    """Novices for the experts of lowest output variance (MoNE with fusion_weight = 0)."""
-    sel = mone_selection(stats, ratio, fusion_weight=0.0, allocation=allocation, novices=True)
-    sel.hyperparameters = {"fusion_weight": 0.0, "novices": True}
-    return sel
+    """Novices for the experts of lowest trace(Cov)/H (`mone --hp ranking=mse --hp fusion_weight=0`)."""
+    sel = mone_selection(stats, ratio, ranking="mse", fusion_weight=0.0, allocation=allocation, novices=True)
+    return _pinned(sel, ranking="mse", fusion_weight=0.0, novices=True)
 
 
 @register_method("frequency+novice")
@@ -38,7 +104,6 @@ def frequency_novice(
     moe_inputs=None,
     allocation: Literal["uniform", "global"] = "uniform",
 ) -> Selection:
-    """Novices for the least frequently routed experts (MoNE with fusion_weight = 1)."""
-    sel = mone_selection(stats, ratio, fusion_weight=1.0, allocation=allocation, novices=True)
-    sel.hyperparameters = {"fusion_weight": 1.0, "novices": True}
-    return sel
+    """Novices for the least frequently routed experts by count (`mone --hp ranking=mse --hp fusion_weight=1`)."""
+    sel = mone_selection(stats, ratio, ranking="mse", fusion_weight=1.0, allocation=allocation, novices=True)
+    return _pinned(sel, ranking="mse", fusion_weight=1.0, novices=True)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moepress.errors import MoepressError
+from moepress.modules.model_type import source_model_type
 
 if TYPE_CHECKING:
     from moepress.plan import LayerAction
@@ -299,7 +300,8 @@ class Adapter:
         raise NotImplementedError
 
     def matches(self, model: nn.Module) -> bool:
-        return getattr(model.config, "model_type", None) in self.model_types
+        # a compressed checkpoint's own model_type (`moepress_deepseek_v2`) is of its source's family
+        return source_model_type(getattr(model.config, "model_type", None) or "") in self.model_types
 
     # ---- convenience over the whole model ------------------------------------------------------
     def moe_layer_ids(self, model: nn.Module) -> list[int]:

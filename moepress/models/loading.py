@@ -185,9 +185,27 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, config=_tokenizer_config(path))
     except (OSError, ValueError, TypeError):
         raise MoepressError(
             f"{path} has no usable tokenizer (tokenizer.json / tokenizer_config.json); copy the source "
             "model's tokenizer files into it"
         ) from None
+
+
+def _tokenizer_config(path: str | Path):
+    """For a moepress output with its own model_type, a config of its source family for AutoTokenizer
+    (which reads a config only to find a tokenizer class): left to itself, AutoTokenizer reads the
+    output's config, which only the folder's code knows, and asks on the terminal whether to run it."""
+    from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
+
+    from moepress.modules.model_type import is_compressed_model_type, source_model_type
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    model_type = json.loads(config.read_text()).get("model_type") or ""
+    if not is_compressed_model_type(model_type):
+        return None
+    family = source_model_type(model_type)
+    return AutoConfig.for_model(family) if family in CONFIG_MAPPING else PretrainedConfig()

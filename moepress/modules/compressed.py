@@ -23,6 +23,21 @@ from transformers.activations import ACT2FN
 STRUCTURE_VERSION = 1
 
 
+def register_weight_conversions(model_type: str, source_model_type: str) -> None:
+    """Let transformers convert a checkpoint of `model_type` as it converts its source family's.
+
+    transformers finds the renames between the on-disk and in-memory layouts (per-expert tensors on
+    disk, fused 3-D experts in memory) by model_type; under its own model_type a compressed checkpoint
+    would load without them. Called only for a source architecture from transformers itself (a
+    remote-code model's tensors load as they are)."""
+    from transformers import conversion_mapping
+
+    mapping = conversion_mapping.get_checkpoint_conversion_mapping(source_model_type)
+    # registering the source's own model_type would also apply it to remote code of that model_type
+    if mapping is not None and model_type != source_model_type:
+        conversion_mapping.register_checkpoint_conversion_mapping(model_type, mapping, overwrite=True)
+
+
 class NoviceExperts(nn.Module):
     """Routed experts of a pruned layer whose router also keeps novice slots (MoNE).
 
