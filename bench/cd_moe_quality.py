@@ -69,7 +69,9 @@ def run_model(
     plans = {}
     for variant, kw in variants.items():
         start = time.perf_counter()
-        plan = cd_moe(model, calib.input_ids, layers=n_layers, batch_size=batch_size, device=device, **kw)
+        # the settings its recorded results used (moepress's variant; bench/fidelity.py has the reference's)
+        plan = cd_moe(model, calib.input_ids, layers=n_layers, batch_size=batch_size, device=device,
+                      metric="vocab-js", weight_mode="all", **kw)
         seconds = time.perf_counter() - start
         fp = plan.metadata["forward_passes"]
         extra = fp["naive_layer_forwards"] - fp["search_layer_forwards"]
@@ -105,6 +107,7 @@ def run_model(
     tuned, result = finetune(
         compressed_at_n[best], prefix_plan(plans[best], n_layers), train, None,
         tokens=cfg["train_tokens"], lr=cfg["lr"], batch_size=cfg["train_batch"], device=device,
+        recipe="fast",  # the recipe its recorded results used; the reference recipe is finetune's default
     )
     before = next(r for r in out["rows"] if r["variant"] == best and r["layers"] == n_layers)
     after = measure(tuned, dev, reference, batch_size, device)

@@ -121,9 +121,48 @@ def scale_table() -> str:
     return "\n".join(lines)
 
 
+def _fidelity_cell(row: dict | None) -> str:
+    """ppl / JS / hellaswag acc_norm / piqa acc_norm (— where not measured)."""
+    if row is None:
+        return "—"
+    t = row.get("tasks") or {}
+    acc = [t.get(k, {}).get("acc_norm") for k in ("hellaswag_local", "piqa_local")]
+    accs = " / ".join("—" if a is None else f"{a:.3f}" for a in acc)
+    return f"{row['ppl']:.2f} / {row['js']:.4f} / {accs}"
+
+
+def fidelity_table() -> str:
+    """Reference default vs moepress's variant per method and setting, one column per model."""
+    runs = {m: _load(f"fidelity_{m}.json") for m in MODELS}
+    runs = {m: r for m, r in runs.items() if r}
+    if not runs:
+        return ""
+    head = "| method | setting | bytes | " + " | ".join(f"{m}: ppl / JS / hs / piqa" for m in runs) + " |"
+    lines = [head, "|" + "---|" * (3 + len(runs))]
+    cells = " | ".join(_fidelity_cell({**r["original"], "js": 0.0}) for r in runs.values())
+    lines.append(f"| original | — | 100% | {cells} |")
+    first = next(iter(runs.values()))
+    keys = []
+    for row in first["rows"]:
+        key = (row["family"], row["variant"], row.get("ratio", row.get("layers")))
+        if key not in keys:
+            keys.append(key)
+    variants = list(dict.fromkeys(k[1] for k in keys))
+    keys.sort(key=lambda k: (k[0] != "mone", k[2], variants.index(k[1])))
+    for family, variant, setting in keys:
+        found = {m: next((x for x in r["rows"] if (x["family"], x["variant"],
+                                                    x.get("ratio", x.get("layers"))) == (family, variant, setting)),
+                         None) for m, r in runs.items()}
+        ratios = [f"{x['bytes_ratio']:.1%}" for x in found.values() if x]
+        what = f"{setting:.0%} pruned" if family == "mone" else f"{setting} layers"
+        cells = " | ".join(_fidelity_cell(x) for x in found.values())
+        lines.append(f"| {variant} | {what} | {'–'.join(dict.fromkeys(ratios))} | {cells} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
-    for title, table in (("expert pruning", pruning_table()), ("CD-MoE", cd_moe_table()),
-                         ("speed", speed_table()), ("scale", scale_table())):
+    for title, table in (("reproducing the papers", fidelity_table()), ("expert pruning", pruning_table()),
+                         ("CD-MoE", cd_moe_table()), ("speed", speed_table()), ("scale", scale_table())):
         print(f"### {title}\n\n{table}\n")
 
 

@@ -189,7 +189,8 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, monkeypatch):
 def test_cli_demo_with_model_needs_data(tmp_path, monkeypatch, capsys):
     from moepress.cli import main
 
-    monkeypatch.setattr(sys, "argv", ["moepress", "demo", "--model", str(tmp_path), "-o", str(tmp_path / "o")])
+    model = str(mini_model_path("dsv2-mini"))
+    monkeypatch.setattr(sys, "argv", ["moepress", "demo", "--model", model, "-o", str(tmp_path / "o")])
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2
@@ -201,7 +202,8 @@ def test_cli_demo_refuses_calibration_text_as_heldout(tmp_path, monkeypatch, cap
 
     text = tmp_path / "calib.txt"
     text.write_text("the storm is humid .\n\n")
-    argv = ["moepress", "demo", "--model", str(tmp_path), "--data", str(text), "--eval-data", str(text),
+    model = str(mini_model_path("dsv2-mini"))
+    argv = ["moepress", "demo", "--model", model, "--data", str(text), "--eval-data", str(text),
             "-o", str(tmp_path / "o")]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
