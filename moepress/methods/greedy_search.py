@@ -1,6 +1,11 @@
 """Greedy search over MoE layers to condense (or drop) and over the routed experts a condensed layer
-keeps, scored by a next-token metric against the original model — re-running only the decoder
-layers after the one a candidate changes.
+keeps, scored against the original model — re-running only the decoder layers after the one a
+candidate changes.
+
+Metrics (`methods.scoring`): with CD-MoE's reference metric ("hidden-js") the expert search scores a
+candidate at its own layer's output (`_search_experts_local`: no later layer runs) and the layer
+search at the final normed hidden state; with a next-token metric ("vocab-js", "kl", "ppl") both
+searches run the rest of the model and score at the LM head, as described below.
 
 Why it is fast (L decoder layers, calibration set of N tokens, layer l is the candidate's):
 - One pass of the original model caches, for every MoE layer l and calibration batch, the MLP input
