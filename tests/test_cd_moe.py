@@ -24,16 +24,6 @@ from moepress.testing import TINY_FAMILIES, tiny_model
 from .conftest import mini_model_path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP threads that
-    wait for each other make a tiny forward 50× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(family: str = "deepseek_v2", layers: int = 4, seed: int = 0):
     extra = {"layer_types": ["full_attention"] * layers} if family.startswith("qwen") else {}
     return tiny_model(family, seed=seed, num_hidden_layers=layers, **extra)

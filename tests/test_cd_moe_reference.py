@@ -19,14 +19,6 @@ from moepress.plan import Condense
 from moepress.testing import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- the reference, re-implemented ------------------------------------------------------------------
 def _ref_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     eps = 1e-10

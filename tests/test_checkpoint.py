@@ -18,45 +18,15 @@ import moepress
 from moepress.errors import MoepressError
 from moepress.io import MANIFEST_FILE, PLAN_FILE, load, predict_size, save_compressed, size_of
 from moepress.models import get_adapter
-from moepress.plan import CompressionPlan, Condense, Drop, Prune
+from moepress.plan import CompressionPlan, Drop, Prune
 from moepress.surgery import apply_plan
 from moepress.testing import TINY_FAMILIES, tiny_model
 
-from .conftest import mini_model_path
+from .conftest import kind_plan, mini_model_path
 
 REMOTE = "remote_deepseek_moe"
 FAMILIES = (*TINY_FAMILIES, REMOTE)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency (seconds when the CPUs are busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _plan(kind: str, moe: list[int]) -> CompressionPlan:
-    """One plan per action kind, over a model's MoE layers (2 or 3 of them, 8 experts, top-2)."""
-    plan = CompressionPlan(method=f"test-{kind}")
-    if kind == "prune_uniform":
-        plan.layers = {i: Prune(keep_experts=[0, 2, 3, 4, 6, 7]) for i in moe}
-    elif kind == "prune_novices":
-        plan.layers = {i: Prune(keep_experts=[1, 2, 4, 7], novices=[0, 5]) for i in moe}
-        for i in moe:
-            for e in (0, 5):
-                plan.set_novice(i, e, torch.linspace(-1, 1, 32) * (e + 1) / 4)
-    elif kind == "prune_nonuniform":
-        plan.layers = {
-            moe[0]: Prune(keep_experts=[0, 1, 2, 3, 4, 5]),
-            moe[1]: Prune(keep_experts=[1, 3, 5, 7]),
-        }
-    elif kind == "condense":
-        plan.layers = {moe[0]: Condense(experts=[2, 5, 6], weights=[0.5, 0.3, 0.2])}
-    elif kind == "drop":
-        plan.layers = {moe[-1]: Drop()}
-    return plan
 
 
 def _shard_files(folder: Path) -> list[Path]:
@@ -94,7 +64,7 @@ KINDS = ("keep", "prune_uniform", "prune_novices", "prune_nonuniform", "condense
 def test_round_trip(family, kind, remote_code_model, tmp_path):
     source = copy.deepcopy(remote_code_model) if family == REMOTE else tiny_model(family)
     adapter = get_adapter(source)
-    plan = _plan(kind, adapter.moe_layer_ids(source))
+    plan = kind_plan(kind, adapter.moe_layer_ids(source))
     before = size_of(source)
     predicted = predict_size(source, plan)
     model = apply_plan(source, plan)
@@ -139,7 +109,7 @@ def test_round_trip(family, kind, remote_code_model, tmp_path):
 
 def test_remote_code_checkpoint_needs_trust(remote_code_model, tmp_path):
     model = copy.deepcopy(remote_code_model)
-    plan = _plan("drop", get_adapter(model).moe_layer_ids(model))
+    plan = kind_plan("drop", get_adapter(model).moe_layer_ids(model))
     out = save_compressed(apply_plan(model, plan), plan, tmp_path / "out")
     with pytest.raises(MoepressError, match="trust_remote_code"):
         load(out)

@@ -30,14 +30,6 @@ WEIGHTS = [0.5, 0.05]
 PLAN = CompressionPlan(method="cd-moe-sr", layers={1: Condense(experts=[0, 3], weights=WEIGHTS), 2: Drop()})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads; on a shared machine waiting threads slow them down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _model(family: str = "qwen2_moe", apply: bool = True):
     extra = {"layer_types": ["full_attention"] * 3} if family.startswith("qwen") else {}

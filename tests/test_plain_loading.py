@@ -21,11 +21,10 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, dynam
 import moepress
 from moepress.io import save_compressed
 from moepress.models import get_adapter
-from moepress.plan import CompressionPlan, Condense, Drop, Prune
 from moepress.surgery import apply_plan
 from moepress.testing import tiny_model
 
-from .conftest import mini_model_path
+from .conftest import kind_plan, mini_model_path
 
 REMOTE = "remote_deepseek_moe"  # a DeepSeekMoE-16B style source whose architecture is code in its folder
 FAMILIES = ("deepseek_v2", "qwen2_moe", "olmoe", "mixtral", REMOTE)
@@ -38,34 +37,6 @@ IDS = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(3))
 def _refuse_without_asking(monkeypatch):
     """On a terminal transformers asks for 15 s whether to run a folder's code; CI's setting refuses at once."""
     monkeypatch.setattr(dynamic_module_utils, "TIME_OUT_REMOTE_CODE", 0)
-
-
-def _novices(plan: CompressionPlan, layer: int, experts: tuple[int, ...]) -> None:
-    for e in experts:
-        plan.set_novice(layer, e, torch.linspace(-1, 1, 32) * (e + 1) / 4)
-
-
-def _plan(kind: str, moe: list[int]) -> CompressionPlan:
-    """One plan per output kind over a tiny model's MoE layers (2 or 3 of them, 8 experts, top-2)."""
-    plan = CompressionPlan(method=f"test-{kind}")
-    if kind == "prune_uniform":
-        plan.layers = {i: Prune(keep_experts=[0, 2, 3, 4, 6, 7]) for i in moe}
-    elif kind == "prune_novices":
-        plan.layers = {i: Prune(keep_experts=[1, 2, 4, 7], novices=[0, 5]) for i in moe}
-        for i in moe:
-            _novices(plan, i, (0, 5))
-    elif kind == "prune_nonuniform":
-        plan.layers = {moe[0]: Prune(keep_experts=[0, 1, 2, 3, 4, 5]), moe[1]: Prune(keep_experts=[1, 3, 5, 7])}
-    elif kind == "condense":
-        plan.layers = {moe[0]: Condense(experts=[2, 5, 6], weights=[0.5, 0.3, 0.2])}
-    elif kind == "drop":
-        plan.layers = {moe[-1]: Drop()}
-    elif kind == "mixed":  # novices, a condensed layer and (with a third MoE layer) a dropped one
-        plan.layers = {moe[0]: Prune(keep_experts=[0, 3, 4], novices=[6]), moe[1]: Condense(experts=[1], weights=[1.0])}
-        _novices(plan, moe[0], (6,))
-        if len(moe) > 2:
-            plan.layers[moe[2]] = Drop()
-    return plan
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -88,7 +59,7 @@ def test_plain_transformers_refuses_or_reproduces_the_output(family, kind, tmp_p
     remote = family == REMOTE
     model = copy.deepcopy(request.getfixturevalue("remote_code_model")) if remote else tiny_model(family)
     source_type = model.config.model_type
-    plan = _plan(kind, get_adapter(model).moe_layer_ids(model))
+    plan = kind_plan(kind, get_adapter(model).moe_layer_ids(model))
     out = save_compressed(apply_plan(model, plan), plan, tmp_path / "out")
     config = json.loads((out / "config.json").read_text())
     want = _logits(moepress.load(out, trust_remote_code=remote))
@@ -121,7 +92,7 @@ def test_plain_transformers_refuses_or_reproduces_the_output(family, kind, tmp_p
 def test_outputs_written_before_their_own_model_type_still_load(tmp_path):
     """A folder from an older moepress (source model_type, structure, auto_map to the model only)."""
     model = tiny_model("qwen2_moe")
-    plan = _plan("mixed", get_adapter(model).moe_layer_ids(model))
+    plan = kind_plan("mixed", get_adapter(model).moe_layer_ids(model))
     out = save_compressed(apply_plan(model, plan), plan, tmp_path / "out")
     config = json.loads((out / "config.json").read_text())
     config.update(model_type="qwen2_moe", architectures=["MoepressForCausalLM"])

@@ -21,14 +21,6 @@ REMOTE = "remote_deepseek_moe"
 FAMILIES = (*TINY_FAMILIES, REMOTE)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency (seconds when the CPUs are busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def make(remote_code_model):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from moepress.data.text import TokenBatch, fingerprint_ids, load_texts
+from moepress.data.text import TokenBatch, check_shape, fingerprint_ids, load_texts
 from moepress.errors import MoepressError
 
 TXT_DOC_CHARS_PER_TOKEN = 8  # generous: English BPE is 3-5 characters a token
@@ -57,14 +57,7 @@ def pack_documents(
     max_position: int | None = None,
 ) -> TokenBatch:
     """`n` documents with at least `seq_len` tokens, each as BOS + its first `seq_len` − 1 tokens."""
-    if n <= 0:
-        raise MoepressError(f"number of documents must be positive (got {n}); use -n 100 for example")
-    if seq_len < 2:
-        raise MoepressError(f"sequence length must be at least 2 (got {seq_len})")
-    if max_position is not None and seq_len > max_position:
-        raise MoepressError(
-            f"sequence length {seq_len} exceeds the model's maximum {max_position}; use --seq-len {max_position}"
-        )
+    check_shape(n, seq_len, max_position, what="documents", example=100)
     bos = bos_id(tokenizer)
     body = seq_len - (bos is not None)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()

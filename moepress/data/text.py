@@ -103,6 +103,18 @@ def _read_hub(name: str, text_field: str) -> list[str]:
     return list(ds[text_field])
 
 
+def check_shape(n: int, seq_len: int, max_position: int | None, what: str = "sequences", example: int = 128) -> None:
+    """One-line errors for a calibration shape the model cannot take."""
+    if n <= 0:
+        raise MoepressError(f"number of {what} must be positive (got {n}); use -n {example} for example")
+    if seq_len < 2:
+        raise MoepressError(f"sequence length must be at least 2 (got {seq_len})")
+    if max_position is not None and seq_len > max_position:
+        raise MoepressError(
+            f"sequence length {seq_len} exceeds the model's maximum {max_position}; use --seq-len {max_position}"
+        )
+
+
 def pack(
     tokenizer,
     texts: list[str],
@@ -114,14 +126,7 @@ def pack(
 ) -> TokenBatch:
     """Tokenise documents (EOS between them), cut the stream into windows of `seq_len`, and pick `n`
     of them with a seeded permutation, so the same text and seed give the same ids."""
-    if n <= 0:
-        raise MoepressError(f"number of sequences must be positive (got {n}); use -n 128 for example")
-    if seq_len < 2:
-        raise MoepressError(f"sequence length must be at least 2 (got {seq_len})")
-    if max_position is not None and seq_len > max_position:
-        raise MoepressError(
-            f"sequence length {seq_len} exceeds the model's maximum {max_position}; use --seq-len {max_position}"
-        )
+    check_shape(n, seq_len, max_position)
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     needed = n * seq_len

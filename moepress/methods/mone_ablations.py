@@ -29,81 +29,50 @@ from moepress.methods.base import Selection, register_method
 from moepress.methods.mone import mone_selection
 
 
-def _pinned(sel: Selection, **hp) -> Selection:
-    sel.hyperparameters = {**sel.hyperparameters, **hp}
-    return sel
+def _register_pinned(name: str, doc: str, **pinned) -> None:
+    """Register `name` as MoNE with `pinned` hyperparameters; only `allocation` stays free. The
+    pinned values are recorded in the plan, so it says exactly which ablation made it."""
+
+    def method(
+        stats: CalibrationStats,
+        ratio: float,
+        *,
+        seed: int = 0,
+        blocks=None,
+        moe_inputs=None,
+        allocation: Literal["uniform", "global"] = "uniform",
+    ) -> Selection:
+        sel = mone_selection(stats, ratio, allocation=allocation, **pinned)
+        sel.hyperparameters = {**sel.hyperparameters, **pinned}
+        return sel
+
+    method.__name__ = method.__qualname__ = name.replace("-", "_").replace("+", "_")
+    method.__doc__ = doc
+    register_method(name)(method)
 
 
-@register_method("mone-zero-novice")
-def mone_zero_novice(
-    stats: CalibrationStats,
-    ratio: float,
-    *,
-    seed: int = 0,
-    blocks=None,
-    moe_inputs=None,
-    allocation: Literal["uniform", "global"] = "uniform",
-) -> Selection:
-    """MoNE's ranking, novices replaced by zero vectors (router rows kept): the paper's "w/o novice"."""
-    sel = mone_selection(stats, ratio, ranking="fusion", allocation=allocation, novices="zero")
-    return _pinned(sel, ranking="fusion", fusion_weight=0.5, novices="zero")
-
-
-@register_method("mone-variance")
-def mone_variance(
-    stats: CalibrationStats,
-    ratio: float,
-    *,
-    seed: int = 0,
-    blocks=None,
-    moe_inputs=None,
-    allocation: Literal["uniform", "global"] = "uniform",
-) -> Selection:
-    """Novices for the experts of lowest ‖per-dimension output variance‖₂ (the paper's variance-only)."""
-    sel = mone_selection(stats, ratio, ranking="output_fluctuation", allocation=allocation, novices=True)
-    return _pinned(sel, ranking="output_fluctuation", novices=True)
-
-
-@register_method("mone-frequency")
-def mone_frequency(
-    stats: CalibrationStats,
-    ratio: float,
-    *,
-    seed: int = 0,
-    blocks=None,
-    moe_inputs=None,
-    allocation: Literal["uniform", "global"] = "uniform",
-) -> Selection:
-    """Novices for the experts of lowest mean gate weight (the paper's routing-score-only)."""
-    sel = mone_selection(stats, ratio, ranking="routing_score", allocation=allocation, novices=True)
-    return _pinned(sel, ranking="routing_score", novices=True)
-
-
-@register_method("variance")
-def variance(
-    stats: CalibrationStats,
-    ratio: float,
-    *,
-    seed: int = 0,
-    blocks=None,
-    moe_inputs=None,
-    allocation: Literal["uniform", "global"] = "uniform",
-) -> Selection:
-    """Novices for the experts of lowest trace(Cov)/H (`mone --hp ranking=mse --hp fusion_weight=0`)."""
-    sel = mone_selection(stats, ratio, ranking="mse", fusion_weight=0.0, allocation=allocation, novices=True)
-    return _pinned(sel, ranking="mse", fusion_weight=0.0, novices=True)
-
-
-@register_method("frequency+novice")
-def frequency_novice(
-    stats: CalibrationStats,
-    ratio: float,
-    *,
-    seed: int = 0,
-    blocks=None,
-    moe_inputs=None,
-    allocation: Literal["uniform", "global"] = "uniform",
-) -> Selection:
-    """Novices for the least frequently routed experts by count (`mone --hp ranking=mse --hp fusion_weight=1`)."""
-    sel = mone_selection(stats, ratio, ranking="mse", fusion_weight=1.0, allocation=allocation, novices=True)
-    return _pinned(sel, ranking="mse", fusion_weight=1.0, novices=True)
+_register_pinned(
+    "mone-zero-novice",
+    'MoNE\'s ranking, novices replaced by zero vectors (router rows kept): the paper\'s "w/o novice".',
+    ranking="fusion", fusion_weight=0.5, novices="zero",
+)
+_register_pinned(
+    "mone-variance",
+    "Novices for the experts of lowest ‖per-dimension output variance‖₂ (the paper's variance-only).",
+    ranking="output_fluctuation", novices=True,
+)
+_register_pinned(
+    "mone-frequency",
+    "Novices for the experts of lowest mean gate weight (the paper's routing-score-only).",
+    ranking="routing_score", novices=True,
+)
+_register_pinned(
+    "variance",
+    "Novices for the experts of lowest trace(Cov)/H (`mone --hp ranking=mse --hp fusion_weight=0`).",
+    ranking="mse", fusion_weight=0.0, novices=True,
+)
+_register_pinned(
+    "frequency+novice",
+    "Novices for the least frequently routed experts by count (`mone --hp ranking=mse --hp fusion_weight=1`).",
+    ranking="mse", fusion_weight=1.0, novices=True,
+)
