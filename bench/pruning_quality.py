@@ -1,11 +1,14 @@
 """Expert-pruning quality on the bundled mini checkpoints: every method × ratio, measured held out.
 
 For each checkpoint in ../shared/models: one calibration pass on calib.txt (statistics plus the
-sampled MoE-layer inputs NAEE's search needs), then for every registered method (MoNE, its
-ablations variance and frequency+novice, the baselines frequency, random, reap, naee) and every
-ratio: plan → surgery on a fresh copy → perplexity on held-out dev.txt tokens (never calibration
-text) and JS / KL divergence and top-1 agreement of next-token distributions to the original on
-the same tokens, plus the checkpoint's bytes predicted from the plan. At the write ratio (0.25) the
+sampled MoE-layer inputs NAEE's search and the merging methods read), then for every registered
+method (MoNE, its ablations variance and frequency+novice, the baselines frequency, random, reap,
+naee, and the expert-merging methods hc-smoe, m-smoe and ream — ream re-runs the model layer by layer
+on the same calibration tokens) and every ratio: plan → surgery on a fresh copy → perplexity on
+held-out dev.txt tokens (never calibration text) and JS / KL divergence and top-1 agreement of
+next-token distributions to the original on the same tokens, plus the checkpoint's bytes predicted
+from the plan; with --tasks, also zero-shot accuracy (lm-eval) on the task files there
+(hellaswag.jsonl 4-way, piqa.jsonl 2-way, cut from held-out text). At the write ratio (0.25) the
 pruned model is also written with `save_compressed` (which reloads and compares logits) into a
 temporary folder: the safetensors tensor bytes must equal the prediction, and a folder without
 novices must load with plain `AutoModelForCausalLM.from_pretrained` (no missing or unexpected keys,
@@ -16,6 +19,8 @@ stored dtype (bf16), predicted on and written from a CPU copy in that dtype.
 
     python bench/pruning_quality.py --quick                    # one model, ratio 0.25, CPU, < 3 min
     python bench/pruning_quality.py --device cuda --tag h100   # all models × methods × ratios
+    python bench/pruning_quality.py --device cuda --methods hc-smoe m-smoe ream --ratios 0.25 0.5 \
+        --tasks ../shared/data/tasks --tag merging             # the merging rows, with accuracy
 
 Prints a table per model and writes bench/results/pruning_quality[_TAG].json.
 """
@@ -48,6 +53,7 @@ from moepress.data import load_tokens
 from moepress.evaluate.perplexity import perplexity
 from moepress.io import predict_size, save_compressed, size_of
 from moepress.methods import available_methods, get_method
+from moepress.methods.base import ModelInputs, method_is_sequential
 from moepress.models import get_adapter
 from moepress.models.loading import load_model, resolve_device
 from moepress.pipeline import calibration_tokens
@@ -56,9 +62,11 @@ from moepress.surgery import apply_plan
 
 RATIOS = (0.125, 0.25, 0.5)
 WRITE_RATIO = 0.25
-# calibration sequences × length, held-out dev tokens (rows of eval_len), NAEE's sampled tokens per layer
-FULL = dict(n=128, seq_len=512, eval_tokens=131072, eval_len=512, naee_tokens=512)
-QUICK = dict(n=8, seq_len=256, eval_tokens=4096, eval_len=512, naee_tokens=128)
+# calibration sequences × length, held-out dev tokens (rows of eval_len), sampled MoE inputs per layer
+# (NAEE and the merging methods), examples per task (None: all)
+FULL = dict(n=128, seq_len=512, eval_tokens=131072, eval_len=512, naee_tokens=512, task_limit=None)
+QUICK = dict(n=8, seq_len=256, eval_tokens=4096, eval_len=512, naee_tokens=128, task_limit=20)
+TASKS = ("hellaswag", "piqa")
 DEV_SEED = 1  # the dev windows are a seeded sample of dev.txt (calibration uses seed 0 on calib.txt)
 
 
@@ -94,6 +102,21 @@ def plain_load_check(folder: Path, compressed) -> dict:
     diff = (want - got).abs().max().item()
     ok = diff <= 1e-2 * max(1.0, want.abs().max().item())
     return {"plain_loadable": ok, "max_logit_diff": diff, **({} if ok else {"reason": "logits differ"})}
+
+
+def accuracy(model, tokenizer, args, cfg: dict, problems: list[str]) -> dict:
+    """Zero-shot accuracy on --tasks (empty when not asked for)."""
+    if args.tasks is None:
+        return {}
+    from moepress.evaluate.lm_eval_bridge import run_tasks
+
+    try:
+        scores = run_tasks(model, tokenizer, TASKS, data_dir=args.tasks, batch_size=args.batch_size,
+                           limit=cfg["task_limit"])
+    except Exception as err:  # noqa: BLE001 - recorded; the other measures stand
+        problems.append(f"accuracy: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+        return {}
+    return {t: {"acc": s.acc, "acc_norm": s.acc_norm, "samples": s.samples} for t, s in scores.items()}
 
 
 def write_and_check(store, plan: CompressionPlan, source: Path, predicted) -> dict:
@@ -151,6 +174,8 @@ def run_model(name: str, args, cfg: dict, device: torch.device, problems: list[s
         problems.append(f"{name}: on {rows} dev rows perplexity() gives {check['perplexity()']:.4f}, "
                         f"the benchmark's measure {check['benchmark']:.4f}")
 
+    base["tasks"] = accuracy(model, tokenizer, args, cfg, problems)
+    context = {"calibration_ids": calib.input_ids, "tokenizer": tokenizer, "cfg": cfg}
     out: dict = {
         "path": path.name,
         "stored_dtype": stored_dtype(path),
@@ -176,7 +201,7 @@ def run_model(name: str, args, cfg: dict, device: torch.device, problems: list[s
         t_method = time.perf_counter()
         for ratio in args.ratios:
             row = run_one(name, method, ratio, model, store, path, stats, blocks, moe_inputs, dev, reference,
-                          base, original, args, device, problems)
+                          base, original, args, device, problems, context)
             out["rows"].append(row)
         out["method_seconds"][method] = time.perf_counter() - t_method
     out["seconds"]["total"] = time.perf_counter() - t_model
@@ -184,10 +209,13 @@ def run_model(name: str, args, cfg: dict, device: torch.device, problems: list[s
 
 
 def run_one(name, method, ratio, model, store, path, stats, blocks, moe_inputs, dev, reference, base,
-            original, args, device, problems) -> dict:
+            original, args, device, problems, context) -> dict:
     seconds = {}
     start = time.perf_counter()
-    plan = get_method(method)(stats, ratio, seed=args.seed, blocks=blocks, moe_inputs=moe_inputs)
+    extra = {}
+    if method_is_sequential(method):  # ream: re-runs the model on the calibration tokens, layer by layer
+        extra["model_inputs"] = ModelInputs(model, context["calibration_ids"], args.batch_size, device)
+    plan = get_method(method)(stats, ratio, seed=args.seed, blocks=blocks, moe_inputs=moe_inputs, **extra)
     seconds["plan"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -195,6 +223,7 @@ def run_one(name, method, ratio, model, store, path, stats, blocks, moe_inputs, 
     seconds["apply"] = time.perf_counter() - start
     start = time.perf_counter()
     quality = measure(compressed, dev, reference, args.batch_size, device)
+    quality["tasks"] = accuracy(compressed, context["tokenizer"], args, context["cfg"], problems)
     seconds["eval"] = time.perf_counter() - start
     del compressed
     predicted = predict_size(store, plan)
@@ -213,6 +242,8 @@ def run_one(name, method, ratio, model, store, path, stats, blocks, moe_inputs, 
         "pruned": plan.metadata["pruned"],
         "hyperparameters": plan.hyperparameters,
     }
+    if "groups" in plan.metadata:  # merging: group sizes per layer (how many experts each kept one holds)
+        row["group_sizes"] = {k: sorted((len(g) for g in v), reverse=True) for k, v in plan.metadata["groups"].items()}
     if "search" in plan.metadata:  # NAEE: which search ran per layer
         row["search"] = dict(Counter(plan.metadata["search"].values()))
     if math.isclose(ratio, args.write_ratio):
@@ -240,10 +271,16 @@ def print_table(name: str, r: dict) -> None:
              f"{t['eval_scored']} held-out dev tokens, {t['calibration']} calibration tokens "
              f"({r['seconds']['calibration']:.1f} s)")
     table = Table(title=title, title_justify="left")
-    for col in ("method", "ratio", "dev ppl", "Δppl", "JS", "top-1", "MiB", "% bytes", "written (0.25)", "s"):
+    tasks = sorted(o.get("tasks", {}))
+    for col in ("method", "ratio", "dev ppl", "Δppl", "JS", "top-1", *(f"{t} acc_n" for t in tasks), "MiB",
+                "% bytes", "written (0.25)", "s"):
         table.add_column(col, justify="left" if col in ("method", "written (0.25)") else "right")
+
+    def acc(row: dict) -> list[str]:
+        return [f"{row['tasks'][t]['acc_norm']:.3f}" if t in row.get("tasks", {}) else "—" for t in tasks]
+
     disk = "= disk" if o["bytes_on_disk"] == o["bytes"] else "≠ DISK"
-    table.add_row("original", "—", f"{o['ppl']:.2f}", "—", "—", "—", f"{o['bytes'] / 2**20:.2f}", "100.0",
+    table.add_row("original", "—", f"{o['ppl']:.2f}", "—", "—", "—", *acc(o), f"{o['bytes'] / 2**20:.2f}", "100.0",
                   disk, f"{r['seconds']['original_eval']:.1f}")
     best: dict[float, float] = {}
     for x in r["rows"]:
@@ -258,7 +295,7 @@ def print_table(name: str, r: dict) -> None:
         ppl = f"{x['ppl']:.2f}"
         table.add_row(
             x["method"], f"{x['ratio']:g}", f"[bold]{ppl}[/]" if x["ppl"] == best[x["ratio"]] else ppl,
-            f"{x['delta_ppl']:+.2f}", f"{x['js']:.4f}", f"{x['top1']:.3f}", f"{x['bytes'] / 2**20:.2f}",
+            f"{x['delta_ppl']:+.2f}", f"{x['js']:.4f}", f"{x['top1']:.3f}", *acc(x), f"{x['bytes'] / 2**20:.2f}",
             f"{100 * x['bytes_ratio']:.1f}", written, f"{sum(x['seconds'].values()):.1f}",
         )
     Console(width=140).print(table)
@@ -280,7 +317,10 @@ def main() -> None:
                     help=f"held-out dev tokens (default {FULL['eval_tokens']}), in rows of --eval-len")
     ap.add_argument("--eval-len", type=int, default=None, help=f"dev row length (default {FULL['eval_len']})")
     ap.add_argument("--naee-tokens", type=int, default=None,
-                    help=f"sampled MoE inputs per layer for NAEE's search (default {FULL['naee_tokens']})")
+                    help=f"sampled MoE inputs per layer, NAEE and merging (default {FULL['naee_tokens']})")
+    ap.add_argument("--tasks", type=Path, default=None,
+                    help="folder with hellaswag.jsonl and piqa.jsonl: also zero-shot accuracy (lm-eval); default off")
+    ap.add_argument("--task-limit", type=int, default=None, help="examples per task (default all; quick: 20)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 32 on GPU, 8 on CPU")
     ap.add_argument("--seed", type=int, default=0, help="method seed (random)")
     ap.add_argument("--shared", type=Path, default=SHARED, help="folder holding models/ and data/")

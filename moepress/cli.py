@@ -37,7 +37,9 @@ def inspect(
     """Family, layers, MoE layers, experts, shared experts, routing, parameters and bytes by component."""
     from moepress.inspect import summarize
     from moepress.models.loading import load_model
+    from moepress.preflight import meta_model
 
+    meta_model(model, trust_remote_code, allow_pickle)  # an unsupported family fails here, before any weight
     m, _ = load_model(model, dtype="auto", device="cpu", trust_remote_code=trust_remote_code,
                       allow_pickle=allow_pickle)
     s = summarize(m)
@@ -46,6 +48,7 @@ def inspect(
         return
     console.print(f"[bold]{model}[/bold]: family [cyan]{s.family}[/cyan], {s.num_layers} layers, "
                   f"MoE layers {s.moe_layers}")
+    console.print(f"supports: {', '.join(s.supports)}")
     console.print(f"routed experts {s.routed_experts} (intermediate {s.expert_intermediate}), top-{s.top_k}, "
                   f"{s.scoring} scoring, renormalise top-k: {s.norm_topk}, scaling {s.routed_scaling}, "
                   f"group-limited: {s.group_limited}; shared-expert rows {s.shared_intermediate}")
@@ -53,6 +56,30 @@ def inspect(
     for c, n in s.parameters.items():
         table.add_row(c, f"{n:,}", _gib(s.bytes[c]))
     console.print(table)
+
+
+@app.command()
+def families(
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the README's Markdown table")] = False,
+) -> None:
+    """Every MoE family moepress has an adapter for, where its MoE pieces live and how it routes."""
+    from moepress.models.families import families_table
+
+    rows = families_table()
+    if markdown:
+        print(markdown_table(rows))
+        return
+    table = Table(*rows[0].keys())
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row[h] for h in head) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 @app.command()
@@ -109,6 +136,8 @@ HpOpt = Annotated[list[str] | None, typer.Option("--hp", help="method hyperparam
 NOpt = Annotated[int | None, typer.Option("-n", help="calibration sequences [128]")]
 SeqOpt = Annotated[int | None, typer.Option(help="tokens per calibration sequence [512]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+StreamOpt = Annotated[bool, typer.Option(
+    help="one decoder layer on the device (and in memory) at a time, read from the safetensors shards")]
 RemoteHelp = "allow the checkpoint's own code"
 PickleHelp = "allow .bin weights (weights_only)"
 
@@ -180,6 +209,7 @@ def plan(
     trust_remote_code: RemoteOpt = False,
     allow_pickle: PickleOpt = False,
     json_out: JsonOpt = False,
+    stream: StreamOpt = False,
 ) -> None:
     """Decide what to compress, change nothing: statistics (or a search on --data) → plan JSON."""
     from moepress.compression import plan_for, write_plan
@@ -190,6 +220,7 @@ def plan(
         model, method, stats=stats, data=data, ratio=ratio, layers=layers, experts=experts,
         memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
         dtype=dtype, trust_remote_code=trust_remote_code or None, allow_pickle=allow_pickle or None, hp=_hp(hp),
+        stream=stream,
     )
     path = write_plan(made, out, overwrite)
     if json_out:
@@ -241,6 +272,7 @@ def compress(
     trust_remote_code: Annotated[bool | None, typer.Option("--trust-remote-code", help=RemoteHelp)] = None,
     allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle", help=PickleHelp)] = None,
     json_out: JsonOpt = False,
+    stream: StreamOpt = False,
 ) -> None:
     """Calibrate (cached), plan, apply and write in one go; OUT also gets the statistics, the resolved
     recipe (rerun: `moepress compress --recipe OUT/moepress_recipe.yaml -o OUT2`) and a report."""
@@ -250,7 +282,7 @@ def compress(
         model, method, out, data=data, ratio=ratio, layers=layers, experts=experts,
         memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
         dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-        hp=_hp(hp), recipe=recipe,
+        hp=_hp(hp), recipe=recipe, stream=stream,
     )
     _written(written, json_out)
 
@@ -343,9 +375,14 @@ def bench(
     trust_remote_code: RemoteOpt = False,
     allow_pickle: PickleOpt = False,
     json_out: JsonOpt = False,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="also decode with a static KV cache and torch.compile (reduce-overhead)")] = False,
+    bandwidth: Annotated[float | None, typer.Option(
+        help="memory bandwidth in bytes/s for the bytes-read limit [4.8e12, H200]")] = None,
 ) -> None:
     """Parameter bytes, prefill/decode tokens/s and peak memory, compressed against original, in this
-    process on one device; also written to OUT/moepress_bench.json."""
+    process on one device; also written to OUT/moepress_bench.json. Decode speeds are also given as
+    a share of the bytes-read limit (bytes one step reads ÷ --bandwidth)."""
     from moepress.evaluate.output import bench_output
     from moepress.preflight import check_inputs
 
@@ -359,14 +396,17 @@ def bench(
     cmp, rows, written = bench_output(
         out, against, batch_sizes=sizes, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
         device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        compile_mode="reduce-overhead" if compile else None, bandwidth=bandwidth,
     )
     if json_out:
         print(json.dumps({**cmp.to_dict(), "rows": [r.to_dict() for r in rows]}, indent=1, default=str))
         return
     console.print(_rows_table([r.to_dict() for r in rows], f"{out} vs {against} on {cmp.device}"))
     speedups = ", ".join(f"b={b}: {v:.2f}×" for b, v in cmp.decode_speedup.items() if v is not None)
-    console.print(f"bytes ratio {cmp.bytes_ratio:.3f}; decode speed-up {speedups}; bytes-read limit "
-                  f"{cmp.decode_bytes_limit_speedup:.2f}×")
+    compiled = ", ".join(f"b={b}: {v:.2f}×" for b, v in cmp.compiled_decode_speedup.items() if v is not None)
+    console.print(f"bytes ratio {cmp.bytes_ratio:.3f}; decode speed-up {speedups}"
+                  + (f" (compiled {compiled})" if compiled else "")
+                  + f"; bytes-read limit {cmp.decode_bytes_limit_speedup:.2f}×")
     if cmp.cpu_timing:
         console.print("[yellow]CPU timings, small sizes: not representative of GPU serving speed[/yellow]")
     if written:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from moepress.recipe import RECIPE_FILE, DataSpec, MethodEntry, Recipe, format_l
 STATS_DIR = "moepress_stats"
 RUN_FILE = "moepress_run.json"
 # Plan metadata that differs between identical runs (wall time); moved to moepress_run.json.
-VOLATILE_METADATA = ("search_seconds",)
+VOLATILE_METADATA = ("search_seconds", "sweep_seconds")
 
 
 @dataclass
@@ -61,6 +62,7 @@ def compress(
     allow_pickle: bool | None = None,
     hp: dict[str, Any] | None = None,
     recipe: str | Path | Recipe | None = None,
+    stream: bool = False,
 ) -> Path:
     """Compress `model_path` with `method` into the folder `out` and return `out`.
 
@@ -76,13 +78,16 @@ def compress(
     `data`, `n`, `seq_len`, `seed`, `batch_size`, `device`, `dtype`, `trust_remote_code`,
     `allow_pickle` (load `.bin` weights, with `weights_only=True`) and `model_path` override it,
     and giving a method as well is an error.
+
+    `stream`: calibrate, search and write with one decoder layer in memory at a time, read from the
+    checkpoint's safetensors shards (models larger than the GPU or the host memory; `run_recipe`).
     """
     r = build_recipe(
         model_path, method, out, data=data, ratio=ratio, layers=layers, experts=experts,
         memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
         dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, hp=hp, recipe=recipe,
     )
-    return run_recipe(r, overwrite=overwrite)
+    return run_recipe(r, overwrite=overwrite, stream=stream)
 
 
 def build_recipe(
@@ -166,14 +171,16 @@ def plan_for(
     trust_remote_code: bool | None = None,
     allow_pickle: bool | None = None,
     hp: dict[str, Any] | None = None,
+    stream: bool = False,
 ):
     """The CompressionPlan `compress` would apply, without applying it (`moepress plan`).
 
     Statistics methods decide from `stats` (a folder `moepress calibrate` wrote; the model is not
     loaded) or calibrate on `data` (cached); search methods and naee run the model on `data`.
+    `stream`: the model's decoder layers are read from its shards one at a time (`run_recipe`).
     """
     from moepress.calibrate.stats import CalibrationStats
-    from moepress.methods.base import get_method, method_layer_inputs
+    from moepress.methods.base import get_method, method_is_sequential, method_layer_inputs
     from moepress.models.loading import check_checkpoint, load_model
 
     if stats is not None and data is not None:
@@ -185,7 +192,9 @@ def plan_for(
         if entry.kind == "search":
             raise MoepressError(f"{entry.method} searches on the model: pass --data FILE, not --stats")
         if method_layer_inputs(entry.method):
-            raise MoepressError(f"{entry.method} reconstructs layer outputs: pass --data FILE, not --stats")
+            raise MoepressError(f"{entry.method} reads expert outputs on sampled tokens: pass --data FILE, not --stats")
+        if method_is_sequential(entry.method):
+            raise MoepressError(f"{entry.method} re-runs the model layer by layer: pass --data FILE, not --stats")
         if Path(model_path).exists() or str(model_path).startswith((".", "/", "~")):
             check_checkpoint(model_path, bool(allow_pickle))  # not loaded, but a wrong path is still an error
         loaded = CalibrationStats.load(stats)
@@ -198,9 +207,29 @@ def plan_for(
         dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, hp=hp, need_output=False,
     )
     tokenizer, batches = preflight(r)
+    if stream:
+        with streamed_model(r) as streamer:
+            return make_plan(streamer.model, tokenizer, r, batches=batches, stream=streamer).plan
     model, _ = load_model(r.model, dtype=r.dtype, device="cpu", trust_remote_code=r.trust_remote_code,
                           allow_pickle=r.allow_pickle)
     return make_plan(model, tokenizer, r, batches=batches).plan
+
+
+@contextmanager
+def streamed_model(r: Recipe):
+    """A `Streamer` over the recipe's checkpoint on the recipe's device: its meta-device model reads one
+    decoder layer at a time from the safetensors shards (closed on leaving the block)."""
+    from moepress.calibrate.streaming import Streamer
+    from moepress.models.loading import resolve_device, resolve_dtype
+
+    if not Path(r.model).is_dir():
+        raise MoepressError(f"--stream reads a local checkpoint folder; {r.model} is not one")
+    device = resolve_device(r.device)
+    streamer = Streamer(r.model, device, resolve_dtype(r.dtype, device), r.trust_remote_code)
+    try:
+        yield streamer
+    finally:
+        streamer.close()
 
 
 def local_or_name(value: str | Path) -> str:
@@ -292,14 +321,16 @@ def check_against_model(r: Recipe, model) -> list[list[int]]:
 
 
 # ---- planning ----------------------------------------------------------------------------------------
-def make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False, batches: dict | None = None) -> PlanResult:
+def make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False, batches: dict | None = None,
+              stream=None) -> PlanResult:
     """Calibrate (cached) when a statistics method needs it or `need_stats`, run every entry on the
     original model and the same calibration tokens, and merge the decisions into one plan.
 
-    `batches`: the calibration tokens `preflight` already made (else tokenised here)."""
+    `batches`: the calibration tokens `preflight` already made (else tokenised here). `stream`: a
+    `Streamer` whose meta-device model is `model`; calibration and searches read its layers one at a time."""
     from moepress.calibrate.stats import CalibrationStats
     from moepress.io.sizes import predict_size, size_of
-    from moepress.methods.base import get_method, method_layer_inputs
+    from moepress.methods.base import ModelInputs, get_method, method_is_sequential, method_layer_inputs
     from moepress.methods.search_registry import get_search_method
     from moepress.models import get_adapter
     from moepress.models.loading import resolve_device
@@ -319,9 +350,12 @@ def make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False, batches:
     moe_inputs: dict = {}
     if stats_entries or need_stats:
         inputs = max((method_layer_inputs(r.methods[k].method) for k in stats_entries), default=0)
+        if inputs and stream is not None:
+            names = ", ".join(r.methods[k].method for k in stats_entries if method_layer_inputs(r.methods[k].method))
+            raise MoepressError(f"{names} reconstructs layer outputs from the layers' weights: run it without --stream")
         stats, moe_inputs, batch = cached_calibration(
             model, tokenizer, d.path, d.n, d.seq_len, d.seed, r.batch_size, device, keep_moe_inputs=inputs,
-            batch=batches["windows"],
+            batch=batches["windows"], stream=stream,
         )
         stats.meta.update(model=r.model, data=d.path)
         result.stats = stats
@@ -340,13 +374,21 @@ def make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False, batches:
         blocks = None
         if method_layer_inputs(e.method):
             blocks = {i: b for i, b in adapter.blocks(model).items() if i in ids}
+        if method_is_sequential(e.method) and stream is not None:
+            raise MoepressError(f"{e.method} re-runs the whole model layer by layer: run it without --stream")
+        if method_is_sequential(e.method):  # re-runs the model on the statistics' own tokens
+            extra = {"model_inputs": ModelInputs(model, batches["windows"].input_ids, r.batch_size, device)}
+        else:
+            extra = {}
         plans[k] = get_method(e.method)(
-            stats, e.ratio, seed=d.seed, blocks=blocks, moe_inputs=moe_inputs or None, **e.hyperparameters
+            stats, e.ratio, seed=d.seed, blocks=blocks, moe_inputs=moe_inputs or None, **extra, **e.hyperparameters
         )
     original = size_of(model).bytes if any(r.methods[k].memory_budget for k in search_entries) else 0
     for k in search_entries:
         e, ids = r.methods[k], entry_layers[k]
         kwargs: dict[str, Any] = {**e.hyperparameters, "batch_size": r.batch_size, "device": device}
+        if stream is not None:
+            kwargs["stream"] = stream
         if e.experts is not None:
             kwargs["experts"] = e.experts
         if set(ids) != set(moe_ids):
@@ -408,15 +450,20 @@ def merge_plans(r: Recipe, plans: list[tuple[int, Any]]):
 
 
 # ---- the whole run -----------------------------------------------------------------------------------
-def run_recipe(r: Recipe, overwrite: bool = False) -> Path:
-    """Run a checked recipe into `r.output` (see the module docstring for what the folder holds)."""
+def run_recipe(r: Recipe, overwrite: bool = False, stream: bool = False) -> Path:
+    """Run a checked recipe into `r.output` (see the module docstring for what the folder holds).
+
+    `stream`: calibration and searches read one decoder layer at a time from the checkpoint's shards
+    onto the device (`calibrate.streaming`, `methods.streamed_search`), and the output is written layer
+    by layer (`io.stream_save`): neither the GPU nor the host ever holds the whole model."""
     from moepress.atomic import atomic_dir, check_output
-    from moepress.io.manifest import moepress_version
     from moepress.models.loading import load_model
     from moepress.surgery import apply_plan
 
     out = check_output(r.output, overwrite, inputs=(r.model, r.data.path))
     tokenizer, batches = preflight(r, need_stats=True)
+    if stream:
+        return _run_recipe_streamed(r, out, overwrite, tokenizer, batches)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     model, _ = load_model(r.model, dtype=r.dtype, device="cpu", trust_remote_code=r.trust_remote_code,
@@ -433,17 +480,54 @@ def run_recipe(r: Recipe, overwrite: bool = False) -> Path:
     source = r.model if Path(r.model).is_dir() else None
     with atomic_dir(out, overwrite) as tmp:
         write_checkpoint(model, plan, tmp, source)
-        result.stats.save(tmp / STATS_DIR)
-        r.save(tmp / RECIPE_FILE)
-        seconds["write"] = time.perf_counter() - t
-        run = {
-            "moepress_version": moepress_version(),
-            "device": r.device,
-            "plan_summary": plan.summary(),
-            "seconds": {k: round(v, 3) for k, v in seconds.items()},
-            "entries": result.volatile,
-        }
-        (tmp / RUN_FILE).write_text(json.dumps(run, indent=1) + "\n")
+        _write_run_files(tmp, r, result, seconds, t)
+    write_report_if_available(out)
+    return out
+
+
+def _write_run_files(tmp: Path, r: Recipe, result: PlanResult, seconds: dict[str, float], write_start: float,
+                     **extra: Any) -> None:
+    """Statistics, resolved recipe and run record next to the written checkpoint."""
+    from moepress.io.manifest import moepress_version
+
+    result.stats.save(tmp / STATS_DIR)
+    r.save(tmp / RECIPE_FILE)
+    seconds["write"] = time.perf_counter() - write_start
+    run = {
+        "moepress_version": moepress_version(),
+        "device": r.device,
+        **extra,
+        "plan_summary": result.plan.summary(),
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "entries": result.volatile,
+    }
+    (tmp / RUN_FILE).write_text(json.dumps(run, indent=1) + "\n")
+
+
+def _run_recipe_streamed(r: Recipe, out: Path, overwrite: bool, tokenizer, batches: dict) -> Path:
+    """`run_recipe` with one decoder layer in memory at a time: streamed calibration and search, then
+    the streamed writer (which reads the shards again, one layer at a time)."""
+    import torch
+
+    from moepress.atomic import atomic_dir
+    from moepress.io.stream_save import save_compressed_streaming
+    from moepress.models.loading import stored_dtype
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    with streamed_model(r) as streamer:
+        seconds["load"] = time.perf_counter() - t
+        result = make_plan(streamer.model, tokenizer, r, need_stats=True, batches=batches, stream=streamer)
+    seconds.update(result.seconds)
+    t = time.perf_counter()
+    with atomic_dir(out, overwrite) as tmp:
+        inner = save_compressed_streaming(r.model, result.plan, tmp / "checkpoint",
+                                          dtype=stored_dtype(r.model) or torch.bfloat16,
+                                          trust_remote_code=r.trust_remote_code)
+        for f in sorted(inner.iterdir()):
+            f.rename(tmp / f.name)
+        inner.rmdir()
+        _write_run_files(tmp, r, result, seconds, t, stream=True)
     write_report_if_available(out)
     return out
 

@@ -29,6 +29,7 @@ class ModelSummary:
     group_limited: bool
     parameters: dict[str, int] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
+    supports: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,4 +69,18 @@ def summarize(model: nn.Module) -> ModelSummary:
         group_limited=bool(r.n_group and r.n_group > 1),
         parameters=params,
         bytes=nbytes,
+        supports=supported_actions(first),
     )
+
+
+def supported_actions(block) -> list[str]:
+    """What moepress can do to this family's MoE layers (every family supports every action; the
+    condensed form depends on whether one dense MLP can reproduce its experts)."""
+    condensed = "dense MLP" if block.condenses_to_dense else "the family's experts class"
+    return [
+        "expert pruning (plain checkpoint when uniform)",
+        "novices (MoNE)",
+        "expert merging (plain checkpoint)",
+        f"condensing (CD-MoE; {condensed})",
+        "layer drop",
+    ]

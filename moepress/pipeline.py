@@ -107,9 +107,11 @@ def stats_cache_dir(model, data_fingerprint: str, n: int, seq_len: int) -> Path:
 
 
 def cached_calibration(model, tokenizer, data: str, n: int, seq_len: int, seed: int, batch_size: int,
-                       device, keep_moe_inputs: int = 0, batch=None) -> tuple[CalibrationStats, dict, object]:
+                       device, keep_moe_inputs: int = 0, batch=None,
+                       stream=None) -> tuple[CalibrationStats, dict, object]:
     """Statistics from the cache when the same model+data were calibrated before, else computed.
-    `batch`: the calibration tokens when already made (`moepress.preflight`), else tokenised here."""
+    `batch`: the calibration tokens when already made (`moepress.preflight`), else tokenised here;
+    `stream`: a `calibrate.streaming.Streamer` whose meta-device model is `model` (layers read one at a time)."""
     import torch
 
     if batch is None:
@@ -123,7 +125,7 @@ def cached_calibration(model, tokenizer, data: str, n: int, seq_len: int, seed: 
     meta = {"model_fingerprint": model_fingerprint(model), "data": str(data),
             "data_fingerprint": batch.fingerprint, "seed": seed}
     result = calibrate(model, batch.input_ids, batch_size=batch_size, keep_moe_inputs=keep_moe_inputs,
-                       device=device, meta=meta, seed=seed)
+                       device=device if stream is None else stream.device, meta=meta, seed=seed, stream=stream)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_dir(cache, overwrite=True) as tmp:
@@ -137,10 +139,11 @@ def cached_calibration(model, tokenizer, data: str, n: int, seq_len: int, seed: 
 
 def write_demo_model(out: str | Path, family: str = "deepseek_v2", overwrite: bool = False, seed: int = 0) -> Path:
     """A tiny random-initialised checkpoint with a byte-level tokenizer: tries the tool with no download."""
-    from moepress.testing import TINY_FAMILIES, tiny_model
+    from moepress.testing import TINY_FAMILIES, declared_families, tiny_model
 
-    if family not in TINY_FAMILIES:
-        raise MoepressError(f"unknown family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+    known = (*TINY_FAMILIES, *declared_families())
+    if family not in known:
+        raise MoepressError(f"unknown family {family!r}; choose one of {', '.join(known)}")
     model = tiny_model(family, seed=seed, vocab_size=260, max_position_embeddings=1024)
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)

@@ -1,8 +1,10 @@
 """CompressionPlan: the hand-off between a method (decides) and surgery (changes).
 
 A plan is plain JSON: readable, diffable, editable by hand and re-applicable to the same model.
-Novice vectors, the only tensors a plan needs, live in a sidecar safetensors file next to the JSON
-(`plan.json` -> `plan.novices.safetensors`, keys `layers.{i}.novices.{e}`); the JSON names them.
+The tensors a plan needs live in a sidecar safetensors file next to the JSON (`plan.json` ->
+`plan.novices.safetensors`, a name kept from when novice vectors were its only content): novice
+vectors (keys `layers.{i}.novices.{e}`) and the neuron permutations of merged experts (int64, keys
+`layers.{i}.merges.{representative}.{member}`); the JSON names every one of them.
 """
 
 from __future__ import annotations
@@ -27,17 +29,55 @@ class Keep(BaseModel):
     action: Literal["keep"] = "keep"
 
 
+class Merge(BaseModel):
+    """How one kept expert (the representative, the key in `Prune.merges`) is made from several:
+    each of its gate/up/down weights = Σ_j coefficients[j] · members[j]'s, the representative one of
+    the members. A member in `aligned` has its intermediate neurons permuted first (the plan's int64
+    tensor `layers.{i}.merges.{representative}.{member}`, `perm`: gate[perm], up[perm], down[:, perm],
+    which leaves that expert's function unchanged), so that matching neurons are averaged."""
+
+    model_config = ConfigDict(extra="forbid")
+    members: list[int]
+    coefficients: list[float]
+    aligned: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Merge:
+        if len(self.members) != len(self.coefficients):
+            raise ValueError(f"merge: {len(self.members)} members but {len(self.coefficients)} coefficients")
+        if len(set(self.members)) != len(self.members):
+            raise ValueError("merge: members has duplicates")
+        if not all(math.isfinite(c) for c in self.coefficients):
+            raise ValueError("merge: coefficients must be finite")
+        if not set(self.aligned) <= set(self.members):
+            raise ValueError("merge: aligned names experts that are not members")
+        # one order, so that equal merges serialise equally
+        pairs = sorted(zip(self.members, self.coefficients, strict=True))
+        self.members, self.coefficients = [m for m, _ in pairs], [c for _, c in pairs]
+        self.aligned = sorted(set(self.aligned))
+        return self
+
+
 class Prune(BaseModel):
     """Remove routed experts not in `keep_experts` (nor in `novices`) from router and expert tensors.
 
     Each id in `novices` stays in the router; its expert is replaced by a constant output vector
     (the plan's tensor `layers.{i}.novices.{e}`) scaled by the router weight the token gives it.
+
+    Each key of `merges` is a kept expert whose router row stays and whose weights become the merge
+    of its `Merge.members` (expert merging: HC-SMoE, M-SMoE, REAM); the other members leave the router.
     """
 
     model_config = ConfigDict(extra="forbid")
     action: Literal["prune"] = "prune"
     keep_experts: list[int]
     novices: list[int] = Field(default_factory=list)
+    merges: dict[int, Merge] = Field(default_factory=dict)
+
+    @field_validator("merges", mode="before")
+    @classmethod
+    def _int_keys(cls, v):
+        return {int(k): m for k, m in v.items()} if isinstance(v, dict) else v
 
     @model_validator(mode="after")
     def _disjoint(self) -> Prune:
@@ -47,6 +87,19 @@ class Prune(BaseModel):
             raise ValueError("an expert cannot be both kept and a novice")
         self.keep_experts = sorted(self.keep_experts)
         self.novices = sorted(set(self.novices))
+        seen: set[int] = set()
+        for rep, merge in self.merges.items():
+            if rep not in self.keep_experts:
+                raise ValueError(f"merge into expert {rep}, which is not in keep_experts")
+            if rep not in merge.members:
+                raise ValueError(f"merge into expert {rep}: the representative must be one of its members")
+            others = set(merge.members) - {rep}
+            if others & (set(self.keep_experts) | set(self.novices)):
+                raise ValueError(f"merge into expert {rep}: a merged member cannot also be kept or a novice")
+            if seen & set(merge.members):
+                raise ValueError(f"experts {sorted(seen & set(merge.members))} are members of two merges")
+            seen |= set(merge.members)
+        self.merges = dict(sorted(self.merges.items()))
         return self
 
 
@@ -114,6 +167,28 @@ class CompressionPlan(BaseModel):
         if missing:
             raise MoepressError(f"plan: layer {layer} names novices {missing} but has no vectors for them")
         return {e: self._tensors[self.novice_key(layer, e)] for e in action.novices}
+
+    # ---- merged experts' neuron permutations ------------------------------------------------------
+    @staticmethod
+    def alignment_key(layer: int, representative: int, member: int) -> str:
+        return f"layers.{layer}.merges.{representative}.{member}"
+
+    def set_alignment(self, layer: int, representative: int, member: int, perm: torch.Tensor) -> None:
+        """Member's intermediate-neuron permutation before it is merged into `representative`."""
+        self._tensors[self.alignment_key(layer, representative, member)] = perm.detach().long().cpu().contiguous()
+
+    def alignments(self, layer: int) -> dict[tuple[int, int], torch.Tensor]:
+        """{(representative, member): permutation} of every aligned member of layer `layer`'s merges."""
+        action = self.layers.get(layer)
+        if not isinstance(action, Prune):
+            return {}
+        keys = {(r, m): self.alignment_key(layer, r, m) for r, merge in action.merges.items() for m in merge.aligned}
+        missing = sorted(k for k, key in keys.items() if key not in self._tensors)
+        if missing:
+            raise MoepressError(
+                f"plan: layer {layer} aligns merged members {[m for _, m in missing]} but has no permutations for them"
+            )
+        return {k: self._tensors[key] for k, key in keys.items()}
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -184,7 +259,9 @@ class CompressionPlan(BaseModel):
                     f"plan: layer {i} is not an MoE layer; only MoE layers can be {a.action}ed; {FIX_PLAN}"
                 )
             block = adapter.block(i, adapter.layers(model)[i])
-            ids = a.keep_experts + a.novices if isinstance(a, Prune) else getattr(a, "experts", [])
+            ids = getattr(a, "experts", [])
+            if isinstance(a, Prune):
+                ids = a.keep_experts + a.novices + [m for merge in a.merges.values() for m in merge.members]
             bad = [e for e in ids if not 0 <= e < block.num_experts]
             if bad:
                 raise MoepressError(
@@ -200,6 +277,13 @@ class CompressionPlan(BaseModel):
                 for e, v in self.novices(i).items():
                     if v.shape != (block.hidden_size,) or not torch.isfinite(v).all():
                         raise MoepressError(f"plan: novice vector of layer {i} expert {e} is malformed; {FIX_PLAN}")
+                inter = block.expert_intermediate
+                for (rep, m), perm in self.alignments(i).items():
+                    if perm.shape != (inter,) or not torch.equal(perm.sort().values, torch.arange(inter)):
+                        raise MoepressError(
+                            f"plan: layer {i}'s permutation of expert {m} (merged into {rep}) is not a permutation "
+                            f"of its {inter} intermediate neurons; {FIX_PLAN}"
+                        )
 
 
 def sidecar_path(path: Path) -> Path:

@@ -66,25 +66,82 @@ def tiny_config(family: str, **overrides) -> PretrainedConfig:
     elif family == "mixtral":
         cfg = MixtralConfig(**_COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)
     else:
-        raise ValueError(f"no tiny config for {family!r}")
+        cfg = declared_tiny_config(family)
+    text = cfg.get_text_config()
     for key, value in overrides.items():
         setattr(cfg, key, value)
+        if text is not cfg:
+            setattr(text, key, value)
     return cfg
+
+
+# Sizes every declared family's tiny model starts from (fields a config does not have are skipped).
+_GENERIC_TINY = dict(
+    _COMMON, head_dim=8, intermediate_size=64, moe_intermediate_size=16, expert_intermediate_size=16,
+    shared_expert_intermediate_size=32, num_experts=8, n_routed_experts=8, num_local_experts=8,
+    num_experts_per_tok=2, moe_topk=2, kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8,
+    qk_rope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_group=2, topk_group=1,
+)
+
+
+def declared_tiny_config(model_type: str) -> PretrainedConfig:
+    """A tiny config of a declared family: the model type's default config shrunk to the generic tiny
+    sizes, then the family's own `tiny` overrides (see moepress.models.declared.Family)."""
+    from transformers import AutoConfig
+
+    from moepress.models.base import _load_all
+    from moepress.models.declared import FAMILIES
+
+    _load_all()
+    spec = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+    if spec is None:
+        raise ValueError(f"no tiny config for {model_type!r}")
+    cfg = AutoConfig.for_model(model_type)
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        if c is None:
+            continue
+        for key, value in _GENERIC_TINY.items():
+            if hasattr(c, key):
+                setattr(c, key, value)
+        settable = getattr(getattr(type(c), "layer_types", None), "fset", True) is not None  # Jamba derives it
+        if settable and isinstance(getattr(c, "layer_types", None), list) and c.layer_types:
+            c.layer_types = (c.layer_types * c.num_hidden_layers)[: c.num_hidden_layers]
+    if callable(spec.tiny):
+        spec.tiny(cfg)
+    else:
+        for key, value in spec.tiny.items():
+            setattr(cfg, key, value)
+    return cfg
+
+
+def declared_families() -> tuple[str, ...]:
+    """The model types of every declared family, one per family (its first)."""
+    from moepress.models.base import _load_all
+    from moepress.models.declared import FAMILIES
+
+    _load_all()
+    return tuple(f.model_types[0] for f in FAMILIES.values())
 
 
 TINY_FAMILIES = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
 
 
 def randomize_routers(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give routers logits of order 1 so routing is far from uniform (default init is ~0)."""
+    """Give routers logits of order 1 so routing is far from uniform (default init is ~0), and
+    correction biases small random values, found through the family's adapter."""
+    from moepress.models import get_adapter
+
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight") or name.endswith("shared_expert_gate.weight"):
+        blocks = get_adapter(model).blocks(model).values()
+        for block in blocks:
+            gates = [block.router_weight] + ([block.shared_gate.weight] if block.shared_gate is not None else [])
+            for p in gates:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 * 2)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+        for block in blocks:
+            for b in (block.correction_bias, block.router_bias):
+                if b is not None:
+                    b.copy_(torch.randn(b.shape, generator=g) * 0.05)
 
 
 def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):

@@ -26,6 +26,7 @@ METHODS = ("mone", "frequency", "random", "reap", "naee", "variance", "frequency
            "mone-variance", "mone-frequency", "rs")
 NOVICE_METHODS = {"mone", "variance", "frequency+novice", "mone-zero-novice", "mone-variance", "mone-frequency"}
 GLOBAL_METHODS = {"rs"}  # one threshold over all layers: per-layer counts vary
+MERGING_METHODS = ("hc-smoe", "m-smoe", "ream")  # tested in test_merging.py
 FAMILIES = ("olmoe", "qwen2_moe", "deepseek_v2", "mixtral")
 
 _CACHE: dict[str, tuple] = {}
@@ -48,7 +49,7 @@ def run(name: str, result, blocks, ratio: float = 0.25, **hp) -> CompressionPlan
 
 # ---- registry and arguments ------------------------------------------------------------------------
 def test_registry_lists_every_method_and_names_them_on_error():
-    assert available_methods() == sorted(METHODS)
+    assert available_methods() == sorted(METHODS + MERGING_METHODS)
     with pytest.raises(MoepressError, match="unknown method 'mnoe'; choose one of: .*mone.*naee"):
         get_method("mnoe")
 

@@ -4,21 +4,27 @@ a time, so only one layer's weights need be on the accelerator.
 How: the embeddings run once; a stand-in for decoder layer 0 records the hidden states and the
 keyword arguments the model passes its layers (rotary embeddings, causal mask, position ids) and
 stops the forward. Then each layer in turn is moved to the compute device, run over every cached
-batch, and its outputs become the next layer's inputs. Statistics are collected by a pre-hook on
-the MoE MLP, which sees exactly what the whole-model forward would feed it.
+batch, and its outputs become the next layer's inputs. Statistics are collected where the MoE MLP
+runs: by default its forward is swapped, for the layer's run, for the adapter's view of the block
+(`MoEBlock`) computing every routed expert output once, for the statistics and the block's output
+alike (checked on the first batch against the model's own block; a family it does not reproduce
+keeps its own forward). `stats_path="hooked"` instead collects them in a pre-hook and lets the
+model's own block run (every expert output computed twice), and `"per_expert"` is the original
+one-expert-at-a-time loop, kept as the reference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
-from moepress.calibrate.stats import CalibrationStats, LayerStats
+from moepress.calibrate.stats import CalibrationStats, LayerStats, route_experts
 from moepress.models import get_adapter
-from moepress.models.base import Adapter
+from moepress.models.base import Adapter, MoEBlock
 from moepress.progress import progress
 
 
@@ -33,6 +39,13 @@ class _Catcher(nn.Module):
         super().__init__()
         self.layer = layer
         self.record: tuple[torch.Tensor, dict] | None = None
+
+    def __getattr__(self, name: str):
+        # the model may read a layer's attributes while it runs (NemotronH's `block_type`)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
@@ -117,6 +130,72 @@ def run_layer(
     return outs
 
 
+StatsPath = Literal["fused", "hooked", "per_expert"]
+
+
+def forward_collecting(block: MoEBlock, stats: LayerStats, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The MoE block's output for `hidden_states`, adding the batch to `stats` on the way: the routed
+    experts run once (grouped), their outputs feed both. Replaces the block's forward while its
+    layer calibrates; equals the model's own block up to float rounding (bit-equal where the
+    family's block is the same op sequence, as for transformers' `grouped_mm` experts path)."""
+    x = hidden_states.reshape(-1, block.hidden_size)
+    route = block.route(x)
+    routes = route_experts(block, x, route)
+    stats.add_routes(route, routes)
+    out = routes.combine(x.shape[0], x.dtype)
+    shared = block.shared_out(hidden_states)
+    out = out.view(hidden_states.shape)
+    return out if shared is None else out + shared
+
+
+def _fused_reproduces(block: MoEBlock, hidden_states: torch.Tensor, tokens: int = 64) -> bool:
+    """Whether `forward_collecting` gives what the model's own block gives, on a few tokens.
+
+    A family whose block combines experts otherwise than Σ weight · expert(x) (its MoEBlock
+    overrides `routed_out` or `forward`), returns more than a tensor, or differs beyond rounding,
+    is calibrated with its own forward instead (`stats_path="hooked"`), never with a wrong one."""
+    if type(block).routed_out is not MoEBlock.routed_out or type(block).forward is not MoEBlock.forward:
+        return False
+    probe = hidden_states.reshape(-1, block.hidden_size)[:tokens].unsqueeze(0)
+    theirs = type(block.module).forward(block.module, probe)
+    if not isinstance(theirs, torch.Tensor) or theirs.shape != probe.shape:
+        return False
+    scratch = LayerStats(block.layer_idx, block.num_experts, block.hidden_size, block.top_k)
+    ours = forward_collecting(block, scratch, probe)
+    tol = 1e-4 if probe.dtype in (torch.float32, torch.float64) else 2e-2
+    return bool(((ours - theirs).abs().max() <= tol * theirs.abs().max().clamp(min=1e-6)).item())
+
+
+def _collect(block: MoEBlock, stats: LayerStats, stats_path: StatsPath, seen: list[torch.Tensor] | None):
+    """Attach statistics collection to `block.module` the way `stats_path` says; returns the undo."""
+    if stats_path == "fused":
+        own_forward = block.module.forward
+        fused: list[bool] = []  # decided on the first call, from real hidden states
+
+        def forward(hidden_states: torch.Tensor, *args, **kwargs):
+            if seen is not None:
+                seen.append(hidden_states.reshape(-1, block.hidden_size).to("cpu", copy=True))
+            if not fused:
+                fused.append(not args and not kwargs and _fused_reproduces(block, hidden_states))
+            if fused[0]:
+                return forward_collecting(block, stats, hidden_states)
+            stats.update(block, hidden_states)
+            return own_forward(hidden_states, *args, **kwargs)
+
+        block.module.forward = forward  # an instance attribute shadows the class's forward
+        return lambda: delattr(block.module, "forward")
+
+    update = stats.update if stats_path == "hooked" else stats.update_per_expert
+
+    def hook(_module, args, kwargs):
+        x = (args[0] if args else kwargs["hidden_states"]).reshape(-1, block.hidden_size)
+        update(block, x)
+        if seen is not None:
+            seen.append(x.to("cpu", copy=True))
+
+    return block.module.register_forward_pre_hook(hook, with_kwargs=True).remove
+
+
 @dataclass
 class CalibrationResult:
     stats: CalibrationStats
@@ -136,13 +215,15 @@ def calibrate(
     inputs: LayerInputs | None = None,
     seed: int = 0,
     stream=None,
+    stats_path: StatsPath = "fused",
 ) -> CalibrationResult:
     """Per-expert statistics of every MoE layer from one layer-by-layer pass over `input_ids`.
 
     `keep_moe_inputs` > 0 also keeps that many token hidden states entering each MoE MLP (a seeded
     sample), for methods that reconstruct a layer's output (NAEE). Layers move to `device` one at
     a time and back to where they were; with `stream` (a `streaming.Streamer`) each layer is instead
-    read from the checkpoint shards just before it runs and released right after.
+    read from the checkpoint shards just before it runs and released right after. `stats_path`: see
+    the module docstring ("fused" is fastest; the others are kept as references and baselines).
     """
     adapter = get_adapter(model)
     layers = adapter.layers(model)
@@ -156,24 +237,17 @@ def calibrate(
     g = torch.Generator().manual_seed(seed)
     for i in progress(range(start_layer, len(layers)), "calibrating layers"):
         layer = stream.load_layer(i) if stream is not None else layers[i].to(device)
-        handle = None
+        detach = None
         if i in moe_ids:
             block = adapter.block(i, layer)
             s = LayerStats(i, block.num_experts, block.hidden_size, block.top_k)
             seen: list[torch.Tensor] = []
-
-            def hook(_module, args, kwargs, block=block, s=s, seen=seen):
-                x = (args[0] if args else kwargs["hidden_states"]).reshape(-1, block.hidden_size)
-                s.update(block, x)
-                if keep_moe_inputs:
-                    seen.append(x.to("cpu", copy=True))
-
-            handle = block.module.register_forward_pre_hook(hook, with_kwargs=True)
+            detach = _collect(block, s, stats_path, seen if keep_moe_inputs else None)
         try:
             run_layer(layer, inputs, device)
         finally:
-            if handle is not None:
-                handle.remove()
+            if detach is not None:
+                detach()
             if stream is not None:
                 stream.release_layer(i)
             else:

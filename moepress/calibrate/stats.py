@@ -1,7 +1,11 @@
 """Per-expert calibration statistics: what every method decides from.
 
 Accumulators are float64 sums and Chan/Welford moments, so batches, layers and ranks can be merged
-in any order with the same result (up to float rounding). Saved as one safetensors file of tensors
+in any order with the same result (up to float rounding). A batch is gathered once into
+expert-contiguous order and every routed expert runs as one grouped GEMM (`ExpertStore.
+grouped_forward`); its outputs feed all statistics through segment sums over the sorted rows and
+one vectorised Chan merge, and can also give the block's routed output (`SortedRoutes.combine`),
+so calibration computes each expert output once. Saved as one safetensors file of tensors
 (`stats.safetensors`, keys `layers.{i}.{field}`) plus a JSON summary (`stats.json`); reloadable
 without the model.
 """
@@ -22,6 +26,40 @@ from moepress.models.base import MoEBlock, RouteResult
 _TENSOR_FIELDS = (
     "count", "weight_sum", "weighted_norm_sum", "logit_sum", "logit_sqsum", "out_mean", "out_m2",
 )
+
+
+@dataclass
+class SortedRoutes:
+    """One batch's routed (token, slot) pairs in expert-contiguous order, with their expert outputs."""
+
+    order: torch.Tensor  # [N·k] flat slot (token·k + slot) of each sorted pair
+    counts: torch.Tensor  # [E] pairs per expert (int64)
+    weights: torch.Tensor  # [N·k] gate weight of each sorted pair
+    outputs: torch.Tensor  # [N·k, H] unweighted expert output of each sorted pair
+
+    def combine(self, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+        """Σ_k weight · output per token [N, H]: the block's routed output. Same ops in the same
+        order as transformers' `grouped_mm` experts path, so the same kernels give the same bits."""
+        weighted = self.outputs * self.weights[:, None]
+        per_slot = torch.empty_like(weighted)
+        per_slot[self.order] = weighted
+        return per_slot.view(num_tokens, -1, weighted.shape[-1]).sum(dim=1).to(dtype)
+
+
+def route_experts(block: MoEBlock, x: torch.Tensor, route: RouteResult) -> SortedRoutes:
+    """Sort the routed pairs by expert (one stable sort), gather their tokens once and run every
+    expert on its rows in one grouped call; no host sync on the fused-storage path."""
+    top_k = route.index.shape[1]
+    expert, order = torch.sort(route.index.reshape(-1), stable=True)
+    bounds = torch.arange(block.num_experts + 1, device=expert.device, dtype=expert.dtype)
+    counts = torch.searchsorted(expert, bounds).diff()
+    outputs = block.experts.grouped_forward(x[order // top_k], counts)
+    return SortedRoutes(order=order, counts=counts, weights=route.weights.reshape(-1)[order], outputs=outputs)
+
+
+def _segment_sum(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Sums of consecutive row segments of lengths `counts` ([S, ...] -> [E, ...]); deterministic."""
+    return torch.segment_reduce(values, "sum", lengths=counts, axis=0, unsafe=True)
 
 
 @dataclass
@@ -59,12 +97,43 @@ class LayerStats:
                 setattr(self, name, torch.zeros(shape, dtype=torch.float64))
 
     # ---- accumulation --------------------------------------------------------------------------
+    @torch.no_grad()
     def update(self, block: MoEBlock, x: torch.Tensor, route: RouteResult | None = None) -> None:
         """Add the tokens x [N, H] entering `block`'s MoE MLP."""
         x = x.reshape(-1, block.hidden_size)
         route = route or block.route(x)
+        self.add_routes(route, route_experts(block, x, route))
+
+    def add_routes(self, route: RouteResult, routes: SortedRoutes) -> None:
+        """Add one batch from its routing and its expert outputs in expert order (`route_experts`)."""
         # accumulate where the layer runs: copying every expert output to the host was the
         # bottleneck of GPU calibration (and serialised ranks sharing one host); `to_` moves back
+        self.to_(routes.outputs.device)
+        self.tokens += route.index.shape[0]
+        logits = route.logits.double()
+        self.logit_sum += logits.sum(0)
+        self.logit_sqsum += (logits * logits).sum(0)
+        counts = routes.counts
+        # half-precision outputs are summed in float32 (exact inputs, ~1e-7 relative per batch; the
+        # running totals stay float64); float32/64 outputs in float64, as the per-expert reference
+        acc = torch.float64 if routes.outputs.dtype in (torch.float32, torch.float64) else torch.float32
+        y = routes.outputs.to(acc, copy=True)
+        w = routes.weights.to(acc)
+        self.weight_sum += _segment_sum(w, counts).double()
+        self.weighted_norm_sum += _segment_sum(w * torch.linalg.vector_norm(y, dim=-1), counts).double()
+        n_b = counts.to(acc)
+        mean_b = _segment_sum(y, counts) / n_b.clamp(min=1)[:, None]
+        # centre on the batch mean before squaring (two-pass): no cancellation in Σy² − nȳ²
+        y -= mean_b.repeat_interleave(counts, dim=0, output_size=y.shape[0])
+        m2_b = _segment_sum(y.square_(), counts)
+        self._merge_moments(counts.double(), mean_b.double(), m2_b.double())
+
+    @torch.no_grad()
+    def update_per_expert(self, block: MoEBlock, x: torch.Tensor, route: RouteResult | None = None) -> None:
+        """`update` one expert at a time (a Python loop, one host sync per expert): the reference the
+        grouped path is tested against and the throughput benchmark's baseline."""
+        x = x.reshape(-1, block.hidden_size)
+        route = route or block.route(x)
         self.to_(x.device)
         self.tokens += x.shape[0]
         logits = route.logits.double()
@@ -103,16 +172,21 @@ class LayerStats:
     def merge(self, other: LayerStats) -> None:
         """Fold another shard's statistics of the same layer into this one (parallel-safe)."""
         other.to_(self.count.device)
-        n_a, n_b = self.count, other.count
-        total = n_a + n_b
-        safe = torch.where(total > 0, total, torch.ones_like(total))
-        delta = other.out_mean - self.out_mean
-        self.out_mean = self.out_mean + delta * (n_b / safe)[:, None]
-        self.out_m2 = self.out_m2 + other.out_m2 + delta * delta * (n_a * n_b / safe)[:, None]
-        self.count = total
+        self._merge_moments(other.count, other.out_mean, other.out_m2)
         for name in ("weight_sum", "weighted_norm_sum", "logit_sum", "logit_sqsum"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.tokens += other.tokens
+
+    def _merge_moments(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        """Chan's parallel rule for all experts at once: fold per-expert moments (count n_b, output
+        mean, M2) into `count`, `out_mean` and `out_m2`."""
+        n_a = self.count
+        total = n_a + n_b
+        safe = torch.where(total > 0, total, torch.ones_like(total))
+        delta = mean_b - self.out_mean
+        self.out_mean = self.out_mean + delta * (n_b / safe)[:, None]
+        self.out_m2 = self.out_m2 + m2_b + delta * delta * (n_a * n_b / safe)[:, None]
+        self.count = total
 
     # ---- derived quantities --------------------------------------------------------------------
     @property

@@ -119,10 +119,14 @@ def bench_output(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     write: bool = True,
+    compile_mode: str | None = None,
+    bandwidth: float | None = None,
 ):
     """Prefill/decode speed, memory and bytes of `out` against `against`, in this process on one
     device. Sizes default to small ones on CPU (where timings say little) and serving-like ones on a
-    GPU. Returns (SpeedComparison, comparison rows, where the JSON was written or None)."""
+    GPU. `compile_mode` (e.g. "reduce-overhead") adds compiled static-cache decoding; `bandwidth`
+    (bytes/s, default H200's) sets the bytes-read limit. Returns (SpeedComparison, comparison rows,
+    where the JSON was written or None)."""
     from moepress.evaluate.report_table import comparison_rows
     from moepress.evaluate.speed import compare_speed
 
@@ -133,6 +137,10 @@ def bench_output(
                        ("repeats", repeats)):
         if value is not None:
             kwargs[key] = tuple(value) if key == "batch_sizes" else value
+    if compile_mode is not None:
+        kwargs["compile_mode"] = compile_mode
+    if bandwidth is not None:
+        kwargs["bandwidth"] = bandwidth
     if any(b < 1 for b in kwargs["batch_sizes"]):
         raise MoepressError(f"batch sizes must be positive (got {list(kwargs['batch_sizes'])})")
     cmp = compare_speed(original, compressed, **kwargs)

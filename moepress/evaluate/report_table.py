@@ -95,6 +95,15 @@ def comparison_rows(
         for b in o.decode_tokens_per_s:
             rows.append(row(f"decode tok/s (b={b}){suffix}", o.decode_tokens_per_s[b],
                             c.decode_tokens_per_s.get(b), "higher", "tokens/s"))
+        for b in o.compiled_decode_tokens_per_s:
+            rows.append(row(f"compiled decode tok/s (b={b}, {o.compile_mode}){suffix}",
+                            o.compiled_decode_tokens_per_s[b], c.compiled_decode_tokens_per_s.get(b), "higher",
+                            "tokens/s"))
+        gbps = f"{o.bandwidth_bytes_per_s / 1e12:g} TB/s"
+        for label, field in (("decode", "bytes_limit_fraction"), ("compiled decode", "compiled_bytes_limit_fraction")):
+            for b, share in getattr(o, field).items():
+                rows.append(row(f"{label}: share of the bytes-read limit (b={b}, {gbps}){suffix}", share,
+                                getattr(c, field).get(b), "none", "fraction"))
         for b, mem in o.peak_memory_bytes.items():
             if mem is not None:
                 rows.append(row(f"peak memory (b={b})", mem, c.peak_memory_bytes.get(b), "size", "bytes"))
@@ -115,6 +124,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return f"{value / 2**20:,.1f} MiB" if value < 2**30 else f"{value / 2**30:,.2f} GiB"
     if unit == "tokens/s":
         return f"{value:,.1f}"
+    if unit == "fraction":
+        return f"{100 * value:.1f}%"
     return f"{value:.4g}"
 
 

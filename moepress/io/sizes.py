@@ -64,7 +64,8 @@ def _rows(tensors, n_old: int, n_new: int) -> Size:
     """Size of the tensors once those with a leading per-expert dimension keep `n_new` of `n_old`."""
     params = nbytes = 0
     for t in tensors:
-        n = t.numel() // n_old * n_new if t.ndim and t.shape[0] == n_old else t.numel()
+        per_expert = t.ndim and (t.shape[0] == n_old or (t.ndim > 1 and t.shape[-1] == n_old))
+        n = t.numel() // n_old * n_new if per_expert else t.numel()
         params += n
         nbytes += n * t.element_size()
     return Size(params, nbytes)
@@ -82,20 +83,32 @@ def predict_size(model: nn.Module, plan: CompressionPlan) -> Size:
             continue
         block = adapter.block(i, layers[i])
         old = _sum(t for _, t in saved_tensors(block.module))
-        gate, _, _ = block.experts.weights(0)
-        itemsize, hidden = gate.element_size(), block.hidden_size
+        gate, up, _ = block.experts.weights(0)
+        itemsize, hidden = up.element_size(), block.hidden_size
+        keep_shared = isinstance(action, Condense) and action.keep_shared and block.shared is not None
+        shared_gate = keep_shared and block.shared_gate is not None
         if isinstance(action, Drop):
             new = Size(0, 0)
-        elif isinstance(action, Condense):
-            shared = block.shared_intermediate if action.keep_shared else 0
+        elif isinstance(action, Condense) and block.condenses_to_dense:
+            shared = block.shared_intermediate if keep_shared else 0
             rows = shared + len(action.experts) * block.expert_intermediate
-            n = 3 * rows * hidden + (hidden if action.keep_shared and block.shared_gate is not None else 0)
+            n = (2 if gate is None else 3) * rows * hidden + (hidden if shared_gate else 0)
             new = Size(n, n * itemsize)
+        elif isinstance(action, Condense):  # the family's experts class with the chosen experts (CondensedExperts)
+            k = len(action.experts)
+            kept = _rows([t for _, t in saved_tensors(block.experts.module)], block.num_experts, k)
+            shared = _sum(t for m in (block.shared, block.shared_gate) if keep_shared and m is not None
+                          for _, t in saved_tensors(m) if m is block.shared or shared_gate)
+            new = Size(kept.params + shared.params + k, kept.bytes + shared.bytes + k * itemsize)
         else:
             e, n_active = block.num_experts, len(action.keep_experts) + len(action.novices)
             router, experts = block.router, block.experts.module
             moved = {id(t) for m in (router, experts) for _, t in saved_tensors(m)}
+            own = {n: t for n, t in saved_tensors(block.module) if id(t) not in moved and "." not in n}
+            block_rows = _rows([t for t in own.values() if t.ndim and t.shape[0] == e], e, n_active)
+            moved |= {id(t) for t in own.values() if t.ndim and t.shape[0] == e}
             rest = _sum(t for _, t in saved_tensors(block.module) if id(t) not in moved)
+            rest = Size(rest.params + block_rows.params, rest.bytes + block_rows.bytes)
             routed = _rows([t for _, t in saved_tensors(router)], e, n_active)
             if isinstance(experts, nn.ModuleList):
                 kept = _sum(t for k in action.keep_experts for _, t in saved_tensors(experts[k]))

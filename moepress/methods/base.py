@@ -2,13 +2,15 @@
 place where a method's decision becomes a `CompressionPlan`.
 
 A method is a function `(stats, ratio, *, seed=0, blocks=None, moe_inputs=None, **hp) -> Selection`
-registered under a name. `register_method` wraps it so that every method, called directly or through
-`get_method`, checks its arguments the same way and returns a `CompressionPlan` that records the
-method, every hyperparameter (defaults included, so a plan says exactly how it was made), the
-calibration data and model fingerprints, and per-layer scores for the report.
+registered under a name (a sequential method also takes `model_inputs`, see `register_method`).
+`register_method` wraps it so that every method, called directly or through `get_method`, checks its
+arguments the same way and returns a `CompressionPlan` that records the method, every hyperparameter
+(defaults included, so a plan says exactly how it was made), the calibration data and model
+fingerprints, and per-layer scores for the report.
 
-Methods decide from statistics (and, for search methods, the MoE blocks and sampled MoE inputs);
-they never touch weights and never branch on the model family.
+Methods decide from statistics (and, for search and merging methods, the MoE blocks and sampled MoE
+inputs; a sequential method re-runs the model); they never change weights and never branch on the
+model family. A merging method's decision is per layer a list of `MergedExpert`s.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from moepress.calibrate.stats import CalibrationStats
 from moepress.errors import MoepressError
 from moepress.models.base import MoEBlock
-from moepress.plan import CompressionPlan, Keep, Prune
+from moepress.plan import CompressionPlan, Keep, Merge, Prune
 
 # Arguments every method takes; anything else a method declares is one of its hyperparameters.
 COMMON_ARGS = ("stats", "ratio", "seed", "blocks", "moe_inputs")
@@ -50,31 +53,65 @@ class Selection:
     zero_novices: bool = False  # novices output 0 (router row kept) instead of their mean output
     metadata: dict[str, Any] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    # merging methods: per layer, the merged experts (the representatives' router rows stay, the other
+    # members' go: exactly `pruned[layer]`); singleton groups need no entry
+    merges: dict[int, list[MergedExpert]] = field(default_factory=dict)
+
+
+@dataclass
+class MergedExpert:
+    """One expert of a merged layer: Σ_j coefficients[j] · members[j]'s weights, each member's
+    intermediate neurons first reordered by `permutations[member]` (absent: as stored); the
+    `representative` (a member) keeps its router row."""
+
+    representative: int
+    members: list[int]
+    coefficients: list[float]
+    permutations: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ModelInputs:
+    """What a sequential method needs to re-run the model layer by layer: the loaded model, the
+    calibration token ids the statistics came from, and how to batch and place them."""
+
+    model: nn.Module
+    input_ids: torch.Tensor
+    batch_size: int = 8
+    device: torch.device | str | None = None
 
 
 MethodFn = Callable[..., CompressionPlan]
 _METHODS: dict[str, MethodFn] = {}
 # sampled token states entering each MoE layer that a method reconstructs from (0: statistics only)
 _LAYER_INPUTS: dict[str, int] = {}
+# methods that re-run the model layer by layer on the calibration tokens (`model_inputs`)
+_SEQUENTIAL: set[str] = set()
 
 
 # ---- registry ------------------------------------------------------------------------------------
-def register_method(name: str, layer_inputs: int = 0) -> Callable[[Callable[..., Selection]], MethodFn]:
+def register_method(
+    name: str, layer_inputs: int = 0, sequential: bool = False
+) -> Callable[[Callable[..., Selection]], MethodFn]:
     """Register `fn` under `name`; the registered (and returned) callable produces a CompressionPlan.
 
     `layer_inputs` > 0: the method also needs that many sampled token states entering each MoE
     layer (`moe_inputs`) and the live blocks (`blocks`), so it cannot run from saved statistics.
+    `sequential`: the method decides layer after layer on the hidden states its earlier decisions
+    produce, so it takes `model_inputs` (a `ModelInputs`: the model and the calibration ids) and
+    cannot run from saved statistics either.
     """
 
     def decorate(fn: Callable[..., Selection]) -> MethodFn:
         params = inspect.signature(fn).parameters
-        missing = [a for a in COMMON_ARGS if a not in params]
+        required = COMMON_ARGS + (("model_inputs",) if sequential else ())
+        missing = [a for a in required if a not in params]
         if missing:
             raise TypeError(f"method {name!r} must accept {', '.join(missing)}")
         defaults = {
             p.name: p.default
             for p in params.values()
-            if p.name not in COMMON_ARGS and p.kind is p.KEYWORD_ONLY
+            if p.name not in required and p.kind is p.KEYWORD_ONLY
         }
 
         @functools.wraps(fn)
@@ -85,6 +122,7 @@ def register_method(name: str, layer_inputs: int = 0) -> Callable[[Callable[...,
             seed: int = 0,
             blocks: dict[int, MoEBlock] | None = None,
             moe_inputs: dict[int, torch.Tensor] | None = None,
+            model_inputs: ModelInputs | None = None,
             **hp: Any,
         ) -> CompressionPlan:
             unknown = sorted(set(hp) - set(defaults))
@@ -98,13 +136,23 @@ def register_method(name: str, layer_inputs: int = 0) -> Callable[[Callable[...,
                 raise MoepressError(f"seed must be a non-negative integer (got {seed!r})")
             if not stats.layers:
                 raise MoepressError("the statistics hold no MoE layer; calibrate the model first")
-            selection = fn(stats, ratio, seed=seed, blocks=blocks, moe_inputs=moe_inputs, **hp)
+            extra: dict[str, Any] = {}
+            if sequential:
+                if model_inputs is None:
+                    raise MoepressError(
+                        f"{name} re-runs the model layer by layer on calibration tokens: give the model and "
+                        "data (--data FILE), not saved statistics"
+                    )
+                extra["model_inputs"] = model_inputs
+            selection = fn(stats, ratio, seed=seed, blocks=blocks, moe_inputs=moe_inputs, **extra, **hp)
             resolved = {"ratio": ratio, "seed": seed, **defaults, **hp, **selection.hyperparameters}
             return to_plan(name, stats, selection, resolved)
 
         run.hyperparameters = dict(defaults)  # type: ignore[attr-defined]
         _METHODS[name] = run
         _LAYER_INPUTS[name] = layer_inputs
+        if sequential:
+            _SEQUENTIAL.add(name)
         return run
 
     return decorate
@@ -114,10 +162,13 @@ def _load_all() -> None:
     # Importing the method files registers them; lazy so that base has no import cycle.
     from moepress.methods import (  # noqa: F401
         frequency,
+        hc_smoe,
+        m_smoe,
         mone,
         mone_ablations,
         naee,
         random_prune,
+        ream,
         reap,
         rs,
     )
@@ -133,6 +184,12 @@ def method_layer_inputs(name: str) -> int:
     """How many sampled MoE-layer inputs per layer method `name` needs (0: statistics suffice)."""
     get_method(name)
     return _LAYER_INPUTS[name]
+
+
+def method_is_sequential(name: str) -> bool:
+    """Whether method `name` re-runs the model layer by layer (it needs `model_inputs`)."""
+    get_method(name)
+    return name in _SEQUENTIAL
 
 
 def get_method(name: str) -> MethodFn:
@@ -257,7 +314,11 @@ def to_plan(
         keep = [e for e in range(s.num_experts) if e not in set(gone)]
         if len(keep) < s.top_k:  # a method bug, not a user error: the helpers above prevent it
             raise AssertionError(f"layer {i}: {len(keep)} experts kept < top_k={s.top_k}")
-        layers[i] = Prune(keep_experts=keep, novices=gone if sel.novices else [])
+        merges = {
+            g.representative: Merge(members=g.members, coefficients=g.coefficients, aligned=sorted(g.permutations))
+            for g in sel.merges.get(i, []) if len(g.members) > 1
+        }
+        layers[i] = Prune(keep_experts=keep, novices=gone if sel.novices else [], merges=merges)
     plan = CompressionPlan(
         method=method,
         hyperparameters=hyperparameters,
@@ -274,6 +335,10 @@ def to_plan(
             **sel.metadata,
         },
     )
+    for i, groups in sel.merges.items():
+        for g in groups:
+            for member, perm in g.permutations.items():
+                plan.set_alignment(i, g.representative, member, perm)
     if sel.novices:
         for i, gone in sel.pruned.items():
             for e in gone:

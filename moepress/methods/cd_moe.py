@@ -56,7 +56,7 @@ the search that ran and of the naive search (whole model per candidate) are reco
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -74,9 +74,13 @@ from moepress.methods.greedy_search import (
 )
 from moepress.methods.scoring import Metric, check_metric
 from moepress.methods.search_registry import dropped, register_search_method
+from moepress.methods.streamed_search import StreamedGreedySearch, streamed_layer_loads
 from moepress.models import get_adapter
 from moepress.plan import CompressionPlan, Condense, Drop, LayerAction, model_fingerprint
 from moepress.progress import progress
+
+if TYPE_CHECKING:
+    from moepress.calibrate.streaming import Streamer
 
 WeightMode = Literal["all", "routed"]
 
@@ -143,6 +147,8 @@ def cd_moe(
     candidates_per_forward: int | None = None,
     method: str | None = None,
     candidate_layers: list[int] | None = None,
+    stream: Streamer | None = None,
+    storage: torch.device | str | None = None,
 ) -> CompressionPlan:
     """Search which MoE layers to condense (or, with `drop`, drop) and return the plan.
 
@@ -150,6 +156,11 @@ def cd_moe(
     layer's top-k); only
     `candidate_layers` (default: every MoE layer) may be chosen. The model is moved to `device` for
     the search and back; it is never changed. See the module docstring.
+
+    With `stream` (a `calibrate.streaming.Streamer`; `model` is then its meta-device `stream.model`)
+    the decoder layers are read from the checkpoint one at a time onto the streamer's device
+    (`methods.streamed_search`) and `device` is not used; the cached states live on `storage`
+    (default: the streamer's device). Same plan as in memory.
     """
     _check_args(
         model, input_ids, layers, memory_budget, experts, metric, weight_mode, expert_pool, batch_size,
@@ -158,34 +169,51 @@ def cd_moe(
     method = method or ("layer-drop" if drop else "cd-moe-s" if experts == 0 else "cd-moe-sr")
     top_k = {i: b.top_k for i, b in get_adapter(model).blocks(model).items()}
     kept = {i: k if experts is None else experts for i, k in top_k.items()}
+    if stream is not None and metric != "hidden-js" and not drop and any(kept[i] for i in kept):
+        raise MoepressError(
+            f"the streamed search scores expert candidates at their own layer (metric hidden-js, the "
+            f"reference); metric {metric!r} would re-read the checkpoint k times per layer — search in "
+            "memory (without --stream), or keep no routed experts (cd-moe-s, layer-drop)"
+        )
+    actions: dict[int, LayerAction] = {}
+    expert_meta: dict[str, dict] = {}
+    expert_candidates: dict[int, int] = {}
+
+    def decide(search: GreedySearch, i: int) -> LayerAction:
+        """Layer i's action: its expert search (all other layers original)."""
+        if drop:
+            return Drop()
+        weights = condense_weights(search.stats[i], weight_mode)
+        if kept[i] == 0:
+            return Condense(experts=[], weights=[], keep_shared=True)
+        pool = _expert_pool(weights, expert_pool)
+        found = search.search_experts(i, kept[i], [float(w) for w in weights], pool)
+        expert_candidates[i] = expert_candidate_count(len(pool), kept[i])
+        expert_meta[str(i)] = {"order": found.order, "curve": found.curve, "pool": len(pool)}
+        return condense_action(found.order, weights)
+
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     was_training = model.training
     model.eval()
     start = time.perf_counter()
+    search = None
     try:
-        model.to(device)
-        search = GreedySearch(
-            model, input_ids, metric=metric, batch_size=batch_size, device=device,
-            candidates_per_forward=candidates_per_forward,
-        )
-        actions: dict[int, LayerAction] = {}
-        expert_meta: dict[str, dict] = {}
-        expert_candidates: dict[int, int] = {}
-        candidates = search.moe_ids if candidate_layers is None else sorted(set(candidate_layers))
-        for i in progress(candidates, "searching experts"):
-            if drop:
-                actions[i] = Drop()
-                continue
-            weights = condense_weights(search.stats[i], weight_mode)
-            if kept[i] == 0:
-                actions[i] = Condense(experts=[], weights=[], keep_shared=True)
-                continue
-            pool = _expert_pool(weights, expert_pool)
-            found = search.search_experts(i, kept[i], [float(w) for w in weights], pool)
-            expert_candidates[i] = expert_candidate_count(len(pool), kept[i])
-            actions[i] = condense_action(found.order, weights)
-            expert_meta[str(i)] = {"order": found.order, "curve": found.curve, "pool": len(pool)}
+        candidates = sorted(set(candidate_layers or get_adapter(model).moe_layer_ids(model)))
+        if stream is None:
+            model.to(device)
+            search = GreedySearch(
+                model, input_ids, metric=metric, batch_size=batch_size, device=device,
+                candidates_per_forward=candidates_per_forward,
+            )
+            for i in progress(candidates, "searching experts"):
+                actions[i] = decide(search, i)
+        else:
+            search = StreamedGreedySearch(
+                stream, input_ids, metric=metric, batch_size=batch_size, storage=storage,
+                candidates_per_forward=candidates_per_forward,
+            )
+            actions = search.caching_pass(lambda i: decide(search, i), candidates)
         original = size_of(model).bytes
         saving = {
             i: original - predict_size(model, CompressionPlan(method=method, layers={i: a})).bytes
@@ -211,10 +239,14 @@ def cd_moe(
         steps = search.search_layers(actions, done)
         counts = search.counts
         local_experts = search.local_expert_metric
+        sweeps = getattr(search, "sweep_seconds", None)
     finally:
-        model.to(home)
+        if stream is None:
+            model.to(home)
+        elif search is not None:
+            search.close()
         model.train(was_training)
-        search = None  # noqa: F841 - frees the cached states before returning
+        search = None  # frees the cached states before returning
     seconds = time.perf_counter() - start
 
     order = [s.layer for s in steps]
@@ -232,6 +264,18 @@ def cd_moe(
     )
     if counts.layer_forwards != expected:  # the formula documents the search; keep them in step
         raise AssertionError(f"layer-forwards {counts.layer_forwards} != formula {expected}")
+    passes = {
+        "unit": "one decoder layer over the whole calibration set",
+        "search_layer_forwards": counts.layer_forwards,
+        "naive_layer_forwards": naive,
+        "metric_evals": counts.metric_evals,
+    }
+    if stream is not None:
+        loads = streamed_layer_loads(num_layers, list(zip(step_candidates, order, strict=True)))
+        if counts.layer_loads != loads:
+            raise AssertionError(f"layer loads {counts.layer_loads} != formula {loads}")
+        passes["layer_loads"] = loads  # decoder layers read from the checkpoint
+    timing = {"search_seconds": seconds} if sweeps is None else {"search_seconds": seconds, "sweep_seconds": sweeps}
     return CompressionPlan(
         method=method,
         hyperparameters={
@@ -259,13 +303,8 @@ def cd_moe(
             "bytes": bytes_after,
             "memory_ratio": [b / original for b in bytes_after],
             "experts": expert_meta,
-            "forward_passes": {
-                "unit": "one decoder layer over the whole calibration set",
-                "search_layer_forwards": counts.layer_forwards,
-                "naive_layer_forwards": naive,
-                "metric_evals": counts.metric_evals,
-            },
-            "search_seconds": seconds,
+            "forward_passes": passes,
+            **timing,
             "calibration_tokens": int(input_ids.numel()),
         },
     )
@@ -311,6 +350,8 @@ def cd_moe_sr(
     device: torch.device | str | None = None,
     candidates_per_forward: int | None = None,
     candidate_layers: list[int] | None = None,
+    stream: Streamer | None = None,
+    storage: torch.device | str | None = None,
 ) -> CompressionPlan:
     """CD-MoE-SR: condensed layers keep the shared experts and `experts` greedily chosen routed ones
     (default: as many as the layer's top-k, the paper's setting)."""
@@ -320,6 +361,7 @@ def cd_moe_sr(
         model, input_ids, experts=experts, layers=layers, memory_budget=memory_budget, metric=metric,
         weight_mode=weight_mode, expert_pool=expert_pool, batch_size=batch_size, device=device,
         candidates_per_forward=candidates_per_forward, method="cd-moe-sr", candidate_layers=candidate_layers,
+        stream=stream, storage=storage,
     )
 
 
@@ -335,13 +377,15 @@ def cd_moe_s(
     device: torch.device | str | None = None,
     candidates_per_forward: int | None = None,
     candidate_layers: list[int] | None = None,
+    stream: Streamer | None = None,
+    storage: torch.device | str | None = None,
 ) -> CompressionPlan:
     """CD-MoE-S: condensed layers keep only their shared experts (on a family without shared experts
     this equals dropping the MLP)."""
     return cd_moe(
         model, input_ids, experts=0, layers=layers, memory_budget=memory_budget, metric=metric,
         batch_size=batch_size, device=device, candidates_per_forward=candidates_per_forward,
-        method="cd-moe-s", candidate_layers=candidate_layers,
+        method="cd-moe-s", candidate_layers=candidate_layers, stream=stream, storage=storage,
     )
 
 
@@ -357,10 +401,12 @@ def layer_drop(
     device: torch.device | str | None = None,
     candidates_per_forward: int | None = None,
     candidate_layers: list[int] | None = None,
+    stream: Streamer | None = None,
+    storage: torch.device | str | None = None,
 ) -> CompressionPlan:
     """Layer-drop baseline: remove whole MoE MLPs, chosen by the same greedy search as CD-MoE."""
     return cd_moe(
         model, input_ids, experts=0, drop=True, layers=layers, memory_budget=memory_budget, metric=metric,
         batch_size=batch_size, device=device, candidates_per_forward=candidates_per_forward,
-        method="layer-drop", candidate_layers=candidate_layers,
+        method="layer-drop", candidate_layers=candidate_layers, stream=stream, storage=storage,
     )

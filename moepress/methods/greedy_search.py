@@ -33,6 +33,9 @@ candidates, R_j the candidate layers of layer step j and m_j the layer chosen:
 the LM head and the metric the same number of times: 1 + Σ_l c_l + Σ_j |R_j|.
 Not counted: the one-batch structure check per MoE layer and the MLP-only work at a candidate's own
 layer (its condensed MLP, k_l + shared experts, or one expert term in an expert step).
+
+The same search with the decoder layers streamed from the checkpoint (models larger than the GPU):
+`methods.streamed_search`.
 """
 
 from __future__ import annotations
@@ -67,10 +70,12 @@ class Candidate:
 
 @dataclass
 class ForwardCounts:
-    """Work done: decoder layers over the whole calibration set (per candidate), metric evaluations."""
+    """Work done: decoder layers over the whole calibration set (per candidate), metric evaluations,
+    and decoder layers read from the checkpoint (streamed search only)."""
 
     layer_forwards: int = 0
     metric_evals: int = 0
+    layer_loads: int = 0
 
 
 @dataclass
@@ -248,10 +253,11 @@ class GreedySearch:
         original = block.module.forward
         record: dict[str, torch.Tensor] = {}
 
-        def recorder(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        def recorder(x: torch.Tensor, *args, **kwargs):
             y = original(x, *args, **kwargs) if action is None else block.forward(x, action)
+            y = y[0] if isinstance(y, tuple) else y  # gpt-oss and Llama-4 blocks also return router scores
             record["x"], record["y"] = x, y
-            return torch.zeros_like(y)
+            return block.wrap_output(torch.zeros_like(y))
 
         with forward_replaced(block.module, recorder):
             mid = self._layer(j, h, kw)
@@ -285,9 +291,10 @@ class GreedySearch:
         tol = 1e-4 if direct.dtype == torch.float32 else 2e-2
         err = (direct.float() - rebuilt.float()).abs().max().item()
         if err > tol * max(direct.float().abs().max().item(), 1.0):
-            raise RuntimeError(
-                f"decoder layer {j} is not of the form h_mid + mlp(x) (max difference {err:.3g}); "
-                "the cached search cannot split it — the adapter must say how this family's layer is built"
+            raise MoepressError(
+                f"decoder layer {j} is not of the form h_mid + mlp(x) (it changes the MLP output before the "
+                f"residual: a post-MLP norm or hyper-connections; max difference {err:.3g}), so the CD-MoE / "
+                "layer-drop search cannot run on this family; use a statistics method (mone, frequency, reap, a merge)"
             )
 
     # ---- scoring candidates --------------------------------------------------------------------
@@ -389,7 +396,9 @@ class GreedySearch:
         refs, base = [], []
         for x, mid in zip(self.x[layer], self.mid[layer], strict=True):
             x, mid = x.to(self.device), mid.to(self.device)
-            refs.append(HiddenReference(post(mid + block.module(x).reshape(mid.shape))))
+            y = block.module(x)
+            y = y[0] if isinstance(y, tuple) else y  # gpt-oss and Llama-4 blocks also return router scores
+            refs.append(HiddenReference(post(mid + y.reshape(mid.shape))))
             shared = block.shared_out(x.reshape(-1, hsize))
             base.append(mid if shared is None else mid + shared.reshape(mid.shape))
         sequences = sum(m.shape[0] for m in base)

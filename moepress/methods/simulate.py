@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from moepress.errors import MoepressError
 from moepress.models.base import MoEBlock
 from moepress.plan import LayerAction
 
@@ -38,8 +39,8 @@ def forward_replaced(module: nn.Module, forward: Callable[..., torch.Tensor]) ->
 def _action_forward(
     block: MoEBlock, action: LayerAction, novices: dict[int, torch.Tensor] | None
 ) -> Callable[..., torch.Tensor]:
-    def forward(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return block.forward(hidden_states, action, novices)
+    def forward(hidden_states: torch.Tensor, *args, **kwargs):
+        return block.wrap_output(block.forward(hidden_states, action, novices))
 
     return forward
 
@@ -62,6 +63,9 @@ def actions_applied(
         for i, action in actions.items():
             if action.action == "keep":
                 continue
+            if getattr(action, "merges", None):
+                # MoEBlock.forward routes among kept experts with their own weights, not the merged ones
+                raise MoepressError(f"layer {i}: a plan with merged experts cannot be simulated; apply it instead")
             module = blocks[i].module
             patched.append((module, module.__dict__.get("forward", _MISSING)))
             module.forward = _action_forward(blocks[i], action, novices.get(i))

@@ -41,6 +41,8 @@ class Routing:
     weights_to_logits_dtype: bool = False
     # DeepSeek-V3 adds 1e-20 to the renormalisation denominator.
     norm_eps: float = 0.0
+    # ERNIE-4.5 clamps the renormalisation denominator from below instead.
+    norm_min: float = 0.0
 
 
 @dataclass
@@ -71,6 +73,39 @@ class ExpertStore:
         gate, up, down = self.weights(e)
         return F.linear(self.act_fn(F.linear(x, gate)) * F.linear(x, up), down)
 
+    def grouped_forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Unweighted outputs [S, H] for tokens x [S, H] sorted by expert: the first counts[0] rows
+        go to expert 0, the next counts[1] to expert 1, and so on.
+
+        This default runs `forward` on each expert's contiguous slice (one host sync for the
+        counts), so every storage gets it; storages with stacked weights override it with one
+        grouped GEMM, which is what makes calibration fast.
+        """
+        out = torch.empty_like(x)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                out[start : start + n] = self.forward(x[start : start + n], e)
+            start += n
+        return out
+
+
+def _grouped_mm_by_slices(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [S, K] @ weight[e] [K, N] on each expert's rows (ends at `offsets`): the fallback of
+    `_grouped_mm` where transformers' dispatcher is missing."""
+    out = x.new_empty(x.shape[0], weight.shape[-1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        torch.mm(x[start:end], weight[e], out=out[start:end])
+        start = end
+    return out
+
+
+try:  # the dispatcher transformers' own `grouped_mm` experts path uses: the same kernel, so the same bits
+    from transformers.integrations.moe import _grouped_mm
+except ImportError:  # pragma: no cover - older or newer transformers
+    _grouped_mm = _grouped_mm_by_slices
+
 
 class FusedExperts(ExpertStore):
     """transformers v5 storage: `gate_up_proj [E, 2I, H]` (gate rows first) and `down_proj [E, H, I]`."""
@@ -88,6 +123,80 @@ class FusedExperts(ExpertStore):
         # Same op order as the transformers eager path, so outputs match to the last bit.
         gate, up = F.linear(x, self.module.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(self.act_fn(gate) * up, self.module.down_proj[e])
+
+    def grouped_forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if type(self).forward is not FusedExperts.forward or x.dtype == torch.float64:
+            # a subclass with another layout follows its own forward; grouped GEMMs take no float64
+            return super().grouped_forward(x, counts)
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate, up = _grouped_mm(x, self.module.gate_up_proj.transpose(-2, -1), offsets).chunk(2, dim=-1)
+        return _grouped_mm(self.act_fn(gate) * up, self.module.down_proj.transpose(-2, -1), offsets)
+
+
+class TransformersExperts(ExpertStore):
+    """Any experts class declared with transformers' `use_experts_implementation`, read through the
+    layout flags that decorator sets on the instance (`has_gate`, `is_concatenated` (else gate/up
+    rows interleaved), `is_transposed`, `has_bias`, `has_post_expert_norm`).
+
+    `forward` calls the family's own experts module with every token routed to `e` at weight 1, so a
+    family's custom activation (gpt-oss's clamped SwiGLU), biases and post-expert norm are exactly
+    the family's; `weights(e)` gives the canonical (gate [I, H] or None, up [I, H], down [H, I])
+    views that condensing and merging need.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module, getattr(module, "act_fn", None))
+
+    @property
+    def gated(self) -> bool:
+        return bool(getattr(self.module, "has_gate", True))
+
+    @property
+    def num_experts(self) -> int:
+        return self.module.down_proj.shape[0]
+
+    def _matrix(self, name: str, e: int) -> torch.Tensor:
+        w = getattr(self.module, name)[e]
+        return w.T if getattr(self.module, "is_transposed", False) else w
+
+    def weights(self, e: int):
+        down = self._matrix("down_proj", e)
+        if not self.gated:
+            return None, self._matrix("up_proj", e), down
+        gate_up = self._matrix("gate_up_proj", e)
+        if getattr(self.module, "is_concatenated", True):
+            inter = gate_up.shape[0] // 2
+            return gate_up[:inter], gate_up[inter:], down
+        return gate_up[0::2], gate_up[1::2], down
+
+    def biases(self, e: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor] | None:
+        """(gate, up, down) biases of expert e, or None when the experts have no bias."""
+        if not getattr(self.module, "has_bias", False):
+            return None
+        down = self.module.down_proj_bias[e]
+        if not self.gated:
+            return None, self.module.up_proj_bias[e], down
+        gate_up = self.module.gate_up_proj_bias[e]
+        if getattr(self.module, "is_concatenated", True):
+            inter = gate_up.shape[0] // 2
+            return gate_up[:inter], gate_up[inter:], down
+        return gate_up[0::2], gate_up[1::2], down
+
+    @property
+    def is_plain_mlp(self) -> bool:
+        """True when each expert is `down(act(gate x) * up x)` (or `down(act(up x))`): no bias, no
+        custom gating, no post-expert norm, so a dense MLP of its rows reproduces it."""
+        from transformers.integrations.moe import _default_apply_gate
+
+        m = self.module
+        custom_gate = getattr(type(m), "_apply_gate", _default_apply_gate) is not _default_apply_gate
+        return not (getattr(m, "has_bias", False) or getattr(m, "has_post_expert_norm", False) or custom_gate)
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        n = x.shape[0]
+        index = torch.full((n, 1), e, dtype=torch.long, device=x.device)
+        ones = torch.ones((n, 1), dtype=x.dtype, device=x.device)
+        return self.module(x, index, ones)
 
 
 class ListExperts(ExpertStore):
@@ -117,6 +226,14 @@ class MoEBlock:
     shared: nn.Module | None = None  # one gated MLP holding all shared experts' rows
     shared_gate: nn.Linear | None = None  # Qwen2-MoE: sigmoid(shared_gate(x)) scales the shared output
     correction_bias: torch.Tensor | None = None  # DeepSeek-V3: added to scores for choice only
+    router_bias: torch.Tensor | None = None  # gpt-oss: logits = x W^T + b
+    returns_tuple: bool = False  # gpt-oss, Llama-4: the block returns (output, router scores)
+
+    supports_novices = True  # False where the block gives experts weight·x (Llama-4): no slot for a constant
+
+    def wrap_output(self, out: torch.Tensor):
+        """`out` in the form the decoder layer expects from this block."""
+        return (out, None) if self.returns_tuple else out
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -133,11 +250,11 @@ class MoEBlock:
 
     @property
     def expert_intermediate(self) -> int:
-        return self.experts.weights(0)[0].shape[0]
+        return self.experts.weights(0)[1].shape[0]
 
     @property
     def shared_intermediate(self) -> int:
-        return 0 if self.shared is None else self.shared.gate_proj.weight.shape[0]
+        return 0 if self.shared is None else self.shared.up_proj.weight.shape[0]
 
     @property
     def router(self) -> nn.Module:
@@ -152,9 +269,10 @@ class MoEBlock:
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits [N, E] in float32."""
         x = x.reshape(-1, self.hidden_size)
+        bias = self.router_bias
         if self.routing.logits_in_fp32:
-            return F.linear(x.float(), self.router_weight.float())
-        return F.linear(x, self.router_weight).float()
+            return F.linear(x.float(), self.router_weight.float(), None if bias is None else bias.float())
+        return F.linear(x, self.router_weight, bias).float()
 
     def route(
         self, x: torch.Tensor, active: list[int] | None = None, logits: torch.Tensor | None = None
@@ -207,13 +325,36 @@ class MoEBlock:
             local = torch.topk(choice, r.top_k, dim=-1)[1]
             weights = scores.gather(1, local)
         if r.norm_topk:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + r.norm_eps)
+            denominator = weights.sum(dim=-1, keepdim=True) + r.norm_eps
+            weights = weights / (denominator.clamp(min=r.norm_min) if r.norm_min else denominator)
         weights = weights * r.scaling
         if r.weights_to_logits_dtype:
             weights = weights.to(self.router_weight.dtype)
         return RouteResult(logits=logits, scores=scores, weights=weights, index=ids[local])
 
     # ---- experts -----------------------------------------------------------------------------
+    @property
+    def condenses_to_dense(self) -> bool:
+        """Whether a condensed form of this block is one dense gated MLP (`CondensedMLP`): every expert
+        and the shared experts are plain bias-free MLPs of one gating kind. Otherwise the condensed
+        block keeps the family's experts class (`CondensedExperts`)."""
+        if not getattr(self.experts, "is_plain_mlp", True):
+            return False
+        if self.shared is None:
+            return True
+        projections = [getattr(self.shared, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if projections[1] is None or projections[2] is None:
+            return False
+        if any(p is not None and getattr(p, "bias", None) is not None for p in projections):
+            return False
+        return (projections[0] is None) == (self.experts.weights(0)[0] is None)
+
+    def condensed_rows(self, e: int, weight: float) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Expert e's (gate, up, down) rows in a condensed dense MLP with its fixed weight folded in:
+        w·down(h) scales down's columns (a family that weights the expert's input folds it elsewhere)."""
+        gate, up, down = self.experts.weights(e)
+        return gate, up, (down.float() * weight).to(down.dtype)
+
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         return self.experts.forward(x, e)
 
@@ -336,14 +477,30 @@ def register(adapter_cls: type[Adapter]) -> type[Adapter]:
     return adapter_cls
 
 
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Register an adapter instance (declared families share one adapter class)."""
+    _REGISTRY.append(adapter)
+    return adapter
+
+
 def supported_families() -> list[str]:
     _load_all()
     return [a.family for a in _REGISTRY]
 
 
+_NOT_FAMILY_FILES = {"base", "declared", "families", "loading"}
+
+
 def _load_all() -> None:
     # Importing the family files registers them; kept lazy so base has no import cycle.
-    from moepress.models import deepseek, deepseek_moe, mixtral, olmoe, qwen_moe  # noqa: F401
+    import importlib
+    import pkgutil
+
+    import moepress.models as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name not in _NOT_FAMILY_FILES:
+            importlib.import_module(f"moepress.models.{info.name}")
 
 
 def get_adapter(model: nn.Module, require_moe: bool = True) -> Adapter:
@@ -359,6 +516,15 @@ def get_adapter(model: nn.Module, require_moe: bool = True) -> Adapter:
                 raise MoepressError(f"model of family {adapter.family} has no MoE layer; nothing to compress")
             return adapter
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    from moepress.models.families import NO_ADAPTER_YET, is_transformers_moe
+
+    if is_transformers_moe(source_model_type(model_type)):
+        reason = NO_ADAPTER_YET.get(source_model_type(model_type), "")
+        raise MoepressError(
+            f"model type {model_type!r} is a Mixture-of-Experts family of transformers, but moepress has no "
+            f"adapter for it{': ' + reason if reason else ''}; open an issue with the model name, or use one of "
+            f"the supported families (`moepress families`)"
+        )
     raise MoepressError(
         f"unsupported model family {model_type!r} (not a Mixture-of-Experts family moepress knows); give a "
         f"checkpoint of one of: {', '.join(supported_families())}"

@@ -20,7 +20,7 @@ class DeepseekMoeAdapter(Adapter):
     num_experts_key = "n_routed_experts"
 
     def is_moe(self, layer: nn.Module) -> bool:
-        return isinstance(getattr(layer.mlp, "experts", None), nn.ModuleList)
+        return isinstance(getattr(getattr(layer, "mlp", None), "experts", None), nn.ModuleList)
 
     def matches(self, model: nn.Module) -> bool:
         layers = getattr(getattr(model, "model", None), "layers", None)

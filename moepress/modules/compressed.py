@@ -124,30 +124,80 @@ class CondensedMLP(nn.Module):
     """
 
     def __init__(
-        self, hidden_size: int, shared_rows: int, routed_rows: int, hidden_act: str, shared_gate: bool
+        self,
+        hidden_size: int,
+        shared_rows: int,
+        routed_rows: int,
+        hidden_act: str,
+        shared_gate: bool,
+        gated: bool = True,
     ):
         super().__init__()
         rows = shared_rows + routed_rows
         self.shared_rows = shared_rows
-        self.gate_proj = nn.Linear(hidden_size, rows, bias=False)
+        # non-gated experts (NemotronH's relu² MLPs) are down(act(up x)): no gate_proj
+        self.gate_proj = nn.Linear(hidden_size, rows, bias=False) if gated else None
         self.up_proj = nn.Linear(hidden_size, rows, bias=False)
         self.down_proj = nn.Linear(rows, hidden_size, bias=False)
         self.shared_gate = nn.Linear(hidden_size, 1, bias=False) if shared_gate else None
         self.act_fn = ACT2FN[hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+    returns_tuple = False  # set per layer from the structure (gpt-oss and Llama-4 blocks return a pair)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.gate_proj is None:
+            h = self.act_fn(self.up_proj(x))
+        else:
+            h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
         if self.shared_gate is not None:
             gate = torch.sigmoid(self.shared_gate(x))
             h = torch.cat([h[..., : self.shared_rows] * gate, h[..., self.shared_rows :]], dim=-1)
-        return self.down_proj(h)
+        out = self.down_proj(h)
+        return (out, None) if self.returns_tuple else out
+
+
+class CondensedExperts(nn.Module):
+    """A condensed block whose experts one dense MLP cannot reproduce (biases, gpt-oss's clamped
+    SwiGLU, a post-expert norm): the family's own experts class holding only the chosen experts,
+    every token sent to all of them with the fixed weights, plus the shared experts and their sigmoid
+    gate as the family had them. Output = shared(x) + Σ_i weights[i]·expert_i(x), as `CondensedMLP`.
+    """
+
+    def __init__(self, experts: nn.Module, n_experts: int, shared: nn.Module | None, shared_gate: nn.Module | None):
+        super().__init__()
+        self.experts = experts
+        self.weights = nn.Parameter(torch.empty(n_experts))
+        self.shared = shared
+        self.shared_gate = shared_gate
+
+    returns_tuple = False
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        n, k = flat.shape[0], self.weights.shape[0]
+        if k:
+            index = torch.arange(k, device=flat.device).expand(n, k)
+            out = self.experts(flat, index, self.weights.to(flat.dtype).expand(n, k))
+        else:
+            out = torch.zeros_like(flat)
+        if self.shared is not None:
+            shared = self.shared(flat)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(flat)) * shared
+            out = out + shared
+        out = out.reshape(shape)
+        return (out, None) if self.returns_tuple else out
 
 
 class DroppedMLP(nn.Module):
     """A dropped MoE block: contributes nothing, so the decoder layer keeps only its residual."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(x)
+    returns_tuple = False
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        out = torch.zeros_like(x)
+        return (out, None) if self.returns_tuple else out
 
 
 def with_num_experts(config, key: str, n: int):
@@ -159,6 +209,15 @@ def with_num_experts(config, key: str, n: int):
 
 
 def build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[str, nn.Module]:
+    """Empty replacement modules for one changed layer, by path under the layer (weights load later);
+    a whole-block replacement returns (output, None) where the family's block returns a pair."""
+    modules = _build_layer(config, structure, layer, spec)
+    if structure.get("returns_tuple") and spec["action"] in ("condense", "drop"):
+        modules[structure["mlp"]].returns_tuple = True
+    return modules
+
+
+def _build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[str, nn.Module]:
     """Empty replacement modules for one changed layer, by path under the layer (weights load later).
 
     Built in the ambient device/dtype (meta while transformers loads a checkpoint). A pruned layer
@@ -167,8 +226,19 @@ def build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[s
     """
     mlp_path = structure["mlp"]
     action = spec["action"]
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if action == "drop":
         return {mlp_path: DroppedMLP()}
+    if action == "condense" and spec.get("form") == "experts":
+        mlp = layer.get_submodule(mlp_path)
+        old = mlp.get_submodule(structure["experts"])
+        sized = with_num_experts(getattr(old, "config", config), structure["num_experts_key"], spec["experts"])
+        experts = type(old)(sized)
+        if hasattr(old, "config"):
+            experts.config = old.config
+        shared = mlp.get_submodule(structure["shared"]) if spec["shared"] else None
+        shared_gate = mlp.get_submodule(structure["shared_gate"]) if spec["shared_gate"] else None
+        return {mlp_path: CondensedExperts(experts, spec["experts"], shared, shared_gate)}
     if action == "condense":
         module = CondensedMLP(
             config.hidden_size,
@@ -176,6 +246,7 @@ def build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[s
             spec["routed_rows"],
             spec["hidden_act"],
             spec["shared_gate"],
+            spec.get("gated", True),
         )
         return {mlp_path: module}
     if action != "prune":
@@ -205,6 +276,27 @@ def build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[s
     return {f"{mlp_path}.{structure['router']}": router, f"{mlp_path}.{structure['experts']}": experts}
 
 
+def set_block_tensors(
+    layer: nn.Module, structure: dict, spec: dict, values: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Resize the per-expert tensors that the MoE block owns itself (HunYuan-V3's and LFM2-MoE's choice
+    bias live on the block, not the router) to the pruned layer's experts: `values` when given (surgery),
+    else empty tensors of the new size for the checkpoint's weights to load into."""
+    mlp = layer.get_submodule(structure["mlp"])
+    n = len(spec["experts"])
+    for name in spec.get("block_tensors", []):
+        old = getattr(mlp, name)
+        if values is not None:
+            new = values[name]
+        else:
+            new = torch.empty((n, *old.shape[1:]), dtype=old.dtype, device=old.device)
+        if isinstance(old, nn.Parameter):
+            setattr(mlp, name, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            persistent = name not in mlp._non_persistent_buffers_set
+            mlp.register_buffer(name, new, persistent=persistent)
+
+
 def apply_structure(model: nn.Module, structure: dict) -> None:
     """Rebuild every layer that `structure` lists into its compressed shape, in place."""
     if structure.get("version") != STRUCTURE_VERSION:
@@ -217,3 +309,5 @@ def apply_structure(model: nn.Module, structure: dict) -> None:
         layer = layers[int(idx)]
         for path, module in build_layer(model.config, structure, layer, spec).items():
             layer.set_submodule(path, module)
+        if spec["action"] == "prune":
+            set_block_tensors(layer, structure, spec)

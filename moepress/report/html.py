@@ -166,9 +166,11 @@ def _plan_table(data: ReportData) -> str:
             gone = sorted(set(range(experts)) - set(a.keep_experts) - set(a.novices)) if experts else None
             if gone is None and isinstance(recorded.get(str(i)), list):  # expert-pruning methods record it
                 gone = sorted(set(recorded[str(i)]) - set(a.novices))
+            note = "novices output their mean calibration output × router weight" if a.novices else ""
+            if a.merges:  # the removed experts live on, averaged into a kept one
+                note = "; ".join(f"{r} = merge of {_ids(m.members)}" for r, m in a.merges.items())
             rows.append([i, "prune", f"{len(a.keep_experts)}{of}: {_ids(a.keep_experts)}",
-                         _ids(a.novices) if a.novices else "none", "?" if gone is None else _ids(gone),
-                         "novices output their mean calibration output × router weight" if a.novices else ""])
+                         _ids(a.novices) if a.novices else "none", "?" if gone is None else _ids(gone), note])
         elif isinstance(a, Condense):
             weights = ", ".join(f"{e}: {w:.4g}" for e, w in zip(a.experts, a.weights, strict=True))
             rows.append([i, "condense", _ids(a.experts), "", "router and all other experts",

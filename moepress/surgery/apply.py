@@ -6,6 +6,8 @@ Per MoE layer:
   so routing after pruning is exactly `MoEBlock.route(x, active=kept ∪ novices)`. The experts become
   the family's experts class built with the kept experts only (a `NoviceExperts` around it when the
   layer has novices), or, for ModuleList storage, the kept modules with a `ConstantExpert` per novice.
+  With `merges`, each representative's weights are first overwritten by its merge
+  (`surgery.merge`: coefficient-weighted sum of its members' neuron-aligned weights), in place.
 - `condense`: the whole block becomes one `CondensedMLP`.
 - `drop`: the whole block becomes a `DroppedMLP` (residual only).
 
@@ -36,13 +38,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moepress.errors import MoepressError
 from moepress.io.sizes import size_by_component
 from moepress.models import Adapter, MoEBlock, get_adapter
-from moepress.modules.compressed import STRUCTURE_VERSION, build_layer
+from moepress.modules.compressed import STRUCTURE_VERSION, build_layer, set_block_tensors
 from moepress.plan import CompressionPlan, Condense, Drop, Keep, LayerAction, Prune, model_fingerprint
+from moepress.surgery.merge import write_merges
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ def finish_model(
     """Once every changed layer is rebuilt: the config says what the checkpoint holds (`uniform`: the
     routed-expert count when the result is expressible in the original architecture)."""
     if uniform is not None:
-        setattr(model.config, adapter.num_experts_key, uniform)
+        setattr(model.config.get_text_config(), adapter.num_experts_key, uniform)
     elif structure["layers"]:
         model.config.moepress_structure = structure
     model.moepress_source = record
@@ -116,7 +120,7 @@ def rebuild_layer(
     config, structure: dict[str, Any], layer: nn.Module, block: MoEBlock, plan: CompressionPlan, i: int
 ) -> None:
     """Replace decoder layer i's MLP pieces in place by their compressed form (`structure`'s entry)."""
-    state = _layer_state(block, plan.action(i), plan.novices(i), structure)
+    state = _layer_state(block, plan.action(i), plan.novices(i), structure, plan.alignments(i))
     with torch.device("meta"):
         new = build_layer(config, structure, layer, structure["layers"][str(i)])
     for path, module in new.items():
@@ -129,6 +133,17 @@ def rebuild_layer(
         if left:
             raise RuntimeError(f"layer {i}: {path} has tensors without weights: {left}")
         layer.set_submodule(path, module)
+    spec = structure["layers"][str(i)]
+    if spec.get("block_tensors"):
+        active = torch.tensor(spec["experts"], dtype=torch.long)
+        values = {n: t.index_select(0, active.to(t.device)) for n, t in _block_expert_tensors(block).items()}
+        set_block_tensors(layer, structure, spec, values)
+
+
+def _block_expert_tensors(block: MoEBlock) -> dict[str, torch.Tensor]:
+    """Per-expert tensors the MoE block module owns itself (first dimension = its expert count)."""
+    tensors = dict(block.module.named_parameters(recurse=False)) | dict(block.module.named_buffers(recurse=False))
+    return {n: t for n, t in tensors.items() if t.ndim and t.shape[0] == block.num_experts}
 
 
 def uniform_expert_count(
@@ -168,21 +183,40 @@ def describe(
         structure.setdefault("mlp", _path_of(layers[i], block.module))
         structure.setdefault("router", _path_of(block.module, block.router))
         structure.setdefault("experts", _path_of(block.module, block.experts.module))
+        if block.returns_tuple:
+            structure["returns_tuple"] = True
         if isinstance(action, Prune):
             spec = {
                 "action": "prune",
                 "experts": sorted(action.keep_experts + action.novices),
                 "novices": list(action.novices),
             }
+            block_tensors = _block_expert_tensors(block)
+            if block_tensors:
+                spec["block_tensors"] = sorted(block_tensors)
         elif isinstance(action, Condense):
             keep_shared = action.keep_shared and block.shared is not None
-            spec = {
-                "action": "condense",
-                "shared_rows": block.shared_intermediate if keep_shared else 0,
-                "routed_rows": len(action.experts) * block.expert_intermediate,
-                "shared_gate": keep_shared and block.shared_gate is not None,
-                "hidden_act": model.config.hidden_act,
-            }
+            if block.shared is not None:
+                structure.setdefault("shared", _path_of(block.module, block.shared))
+            if block.shared_gate is not None:
+                structure.setdefault("shared_gate", _path_of(block.module, block.shared_gate))
+            if block.condenses_to_dense:
+                spec = {
+                    "action": "condense",
+                    "shared_rows": block.shared_intermediate if keep_shared else 0,
+                    "routed_rows": len(action.experts) * block.expert_intermediate,
+                    "shared_gate": keep_shared and block.shared_gate is not None,
+                    "hidden_act": activation_name(block.experts.act_fn, model.config),
+                    "gated": block.experts.weights(0)[0] is not None,
+                }
+            else:
+                spec = {
+                    "action": "condense",
+                    "form": "experts",
+                    "experts": len(action.experts),
+                    "shared": keep_shared,
+                    "shared_gate": keep_shared and block.shared_gate is not None,
+                }
         else:
             spec = {"action": "drop"}
         structure["layers"][str(i)] = spec
@@ -201,6 +235,43 @@ def base_class(model: nn.Module) -> dict[str, str]:
     return {"module": "." + cls.__module__.rsplit(".", 1)[-1], "class": cls.__name__}
 
 
+def activation_name(act_fn: nn.Module | None, config) -> str:
+    """The ACT2FN name of the experts' activation (a condensed MLP is rebuilt from it); the config's
+    `hidden_act` when the experts do not name theirs."""
+    from transformers.activations import ACT2CLS, ACT2FN
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    configured = getattr(text, "hidden_act", None)
+    if act_fn is None or (configured in ACT2CLS and type(ACT2FN[configured]) is type(act_fn)):
+        return configured
+    for name, cls in ACT2CLS.items():
+        if not isinstance(cls, tuple) and type(act_fn) is cls:
+            return name
+    functions = {F.silu: "silu", F.gelu: "gelu", F.relu: "relu", torch.tanh: "tanh", torch.sigmoid: "sigmoid"}
+    if act_fn in functions:
+        return functions[act_fn]
+    raise MoepressError(f"the experts' activation {type(act_fn).__name__} has no transformers name; cannot condense")
+
+
+def _condensed_experts_state(block: MoEBlock, action: Condense, structure: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A `CondensedExperts` layer's tensors: the chosen experts' slices of every per-expert tensor of
+    the family's experts module, their fixed weights, and the shared experts and gate as they are."""
+    mlp, n_experts = structure["mlp"], block.num_experts
+    experts = block.experts.module
+    chosen = torch.tensor(action.experts, dtype=torch.long, device=next(experts.parameters()).device)
+    state = {
+        f"{mlp}.experts.{k}": t.index_select(0, chosen) if t.ndim and t.shape[0] == n_experts else t
+        for k, t in experts.state_dict().items()
+    }
+    dtype = next(experts.parameters()).dtype
+    state[f"{mlp}.weights"] = torch.tensor(action.weights, dtype=dtype, device=chosen.device)
+    if action.keep_shared and block.shared is not None:
+        state.update({f"{mlp}.shared.{k}": t for k, t in block.shared.state_dict().items()})
+        if block.shared_gate is not None:
+            state.update({f"{mlp}.shared_gate.{k}": t for k, t in block.shared_gate.state_dict().items()})
+    return state
+
+
 def _path_of(root: nn.Module, target: nn.Module) -> str:
     return next(name for name, m in root.named_modules() if m is target)
 
@@ -208,6 +279,11 @@ def _path_of(root: nn.Module, target: nn.Module) -> str:
 def _check_fits(block: MoEBlock, action: LayerAction) -> None:
     """What `plan.validate_for` cannot know: the family's routing constraints and module shapes."""
     i, r = block.layer_idx, block.routing
+    if isinstance(action, Prune) and action.novices and not block.supports_novices:
+        raise MoepressError(
+            f"plan: layer {i}'s block weights each expert's input, so a novice (a constant output) cannot "
+            "stand in for an expert; use a method without novices (frequency, reap, a merge)"
+        )
     if isinstance(action, Prune) and r.n_group and r.n_group > 1:
         n = len(action.keep_experts) + len(action.novices)
         if n % r.n_group or n // r.n_group * r.topk_group < r.top_k:
@@ -216,53 +292,63 @@ def _check_fits(block: MoEBlock, action: LayerAction) -> None:
                 f"n_group={r.n_group} with at least {r.top_k} experts in the best {r.topk_group} group(s)"
             )
     if isinstance(action, Condense) and block.shared is not None and action.keep_shared:
-        if any(getattr(block.shared, p).bias is not None for p in ("gate_proj", "up_proj", "down_proj")):
+        projections = [getattr(block.shared, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+        if any(getattr(p, "bias", None) is not None for p in projections):
             raise MoepressError(
                 f"plan: layer {i}'s shared experts have biases; condensing them is not supported"
             )
 
 
 def _layer_state(
-    block: MoEBlock, action: LayerAction, novices: dict[int, torch.Tensor], structure: dict[str, Any]
+    block: MoEBlock,
+    action: LayerAction,
+    novices: dict[int, torch.Tensor],
+    structure: dict[str, Any],
+    alignments: dict[tuple[int, int], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The compressed layer's new tensors, keyed by path under the decoder layer."""
+    """The compressed layer's new tensors, keyed by path under the decoder layer (merged experts are
+    written into the live weights first: the layer is being replaced anyway)."""
     mlp = structure["mlp"]
-    gate, _, _ = block.experts.weights(0)
-    dtype, device = gate.dtype, gate.device
+    gate, up, _ = block.experts.weights(0)
+    dtype, device = up.dtype, up.device
     if isinstance(action, Drop):
         return {}
     if isinstance(action, Condense):
-        rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if not block.condenses_to_dense:
+            return _condensed_experts_state(block, action, structure)
+        rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
         keep_shared = action.keep_shared and block.shared is not None
         if keep_shared:
             s = block.shared
-            rows.append((s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight))
+            gate_proj = getattr(s, "gate_proj", None)
+            rows.append((None if gate_proj is None else gate_proj.weight, s.up_proj.weight, s.down_proj.weight))
         for e, w in zip(action.experts, action.weights, strict=True):
-            g, u, d = block.experts.weights(e)
-            rows.append((g, u, (d.float() * w).to(d.dtype)))
+            rows.append(block.condensed_rows(e, w))
         if not rows:  # neither shared nor routed rows: a zero-width MLP, whose output is 0
             hidden = block.hidden_size
-            rows.append((gate.new_empty(0, hidden), gate.new_empty(0, hidden), gate.new_empty(hidden, 0)))
+            empty = up.new_empty(0, hidden)
+            rows.append((None if gate is None else empty, empty, up.new_empty(hidden, 0)))
         gates, ups, downs = zip(*rows, strict=True)
-        state = {
-            f"{mlp}.gate_proj.weight": torch.cat(gates),
-            f"{mlp}.up_proj.weight": torch.cat(ups),
-            f"{mlp}.down_proj.weight": torch.cat(downs, dim=1),
-        }
+        state = {f"{mlp}.up_proj.weight": torch.cat(ups), f"{mlp}.down_proj.weight": torch.cat(downs, dim=1)}
+        if gate is not None:
+            state[f"{mlp}.gate_proj.weight"] = torch.cat(gates)
         if keep_shared and block.shared_gate is not None:
             state[f"{mlp}.shared_gate.weight"] = block.shared_gate.weight
         return state
 
+    write_merges(block.experts, action.merges, alignments or {}, block.layer_idx)
     n_experts = block.num_experts
     active = sorted(action.keep_experts + action.novices)
     router = f"{mlp}.{structure['router']}"
     experts = f"{mlp}.{structure['experts']}"
     state = {}
     for k, t in block.router.state_dict().items():
-        rows_of = t.ndim and t.shape[0] == n_experts
-        state[f"{router}.{k}"] = (
-            t.index_select(0, torch.tensor(active, dtype=torch.long, device=t.device)) if rows_of else t
-        )
+        index = torch.tensor(active, dtype=torch.long, device=t.device)
+        if t.ndim and t.shape[0] == n_experts:
+            t = t.index_select(0, index)
+        elif t.ndim > 1 and t.shape[-1] == n_experts:  # ERNIE-4.5 keeps its choice bias as [1, E]
+            t = t.index_select(-1, index)
+        state[f"{router}.{k}"] = t
     module = block.experts.module
     if isinstance(module, nn.ModuleList):
         for slot, e in enumerate(active):

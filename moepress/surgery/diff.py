@@ -9,7 +9,8 @@ from moepress.plan import CompressionPlan, Condense, Keep, LayerAction, Prune
 
 def describe_action(action: LayerAction) -> str:
     if isinstance(action, Prune):
-        return f"prune (keep {len(action.keep_experts)} experts, {len(action.novices)} novices)"
+        merged = f", {len(action.merges)} merged" if action.merges else ""
+        return f"prune (keep {len(action.keep_experts)} experts, {len(action.novices)} novices{merged})"
     if isinstance(action, Condense):
         shared = " + shared" if action.keep_shared else ""
         return f"condense ({len(action.experts)} experts{shared})"
@@ -33,6 +34,10 @@ def diff_plans(a: CompressionPlan, b: CompressionPlan) -> list[str]:
                 if e in va and e in vb and not torch.equal(va[e], vb[e]):
                     delta = (va[e] - vb[e]).abs().max().item()
                     lines.append(f"layer {i}: novice {e} vector differs (max |diff| {delta:.3g})")
+            for rep in sorted(set(x.merges) | set(y.merges)):
+                mx, my = x.merges.get(rep), y.merges.get(rep)
+                if mx != my:
+                    lines.append(f"layer {i}: merge into expert {rep}: {_merge(mx)} -> {_merge(my)}")
         elif isinstance(x, Condense):
             lines += _sets(i, "condensed experts", x.experts, y.experts)
             wa, wb = (
@@ -45,6 +50,12 @@ def diff_plans(a: CompressionPlan, b: CompressionPlan) -> list[str]:
             if x.keep_shared != y.keep_shared:
                 lines.append(f"layer {i}: keep_shared {x.keep_shared} -> {y.keep_shared}")
     return lines
+
+
+def _merge(merge) -> str:
+    if merge is None:
+        return "none"
+    return ", ".join(f"{m}×{c:.3g}" for m, c in zip(merge.members, merge.coefficients, strict=True))
 
 
 def _sets(layer: int, what: str, a: list[int], b: list[int]) -> list[str]:

@@ -1,0 +1,142 @@
+"""One generic adapter for the transformers 5.x MoE layout, driven by small per-family declarations.
+
+transformers 5.x stores most families' routed experts in one experts module declared with
+`use_experts_implementation` (fused `gate_up_proj`/`down_proj`, layout flags on the instance), next
+to a router module and optional shared experts. What still differs between families is routing
+(softmax or sigmoid, renormalisation, scaling, group-limited choice, correction bias), where the
+pieces live (`layer.mlp.gate` vs `layer.block_sparse_moe.router`) and which config field counts the
+experts. A `Family` says exactly that, and `DeclaredAdapter` does the rest; a family whose block is
+genuinely different gives its own `MoEBlock` subclass (`block_cls`) or `ExpertStore` (`store`).
+
+Each declaration is checked against the model's own block by `tests/test_adapters.py` (float32,
+random tiny model from `moepress.testing.tiny_model`), so a declaration that misreads the family fails
+there, not in a user's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from moepress.models.base import (
+    Adapter,
+    ExpertStore,
+    MoEBlock,
+    Routing,
+    TransformersExperts,
+    register_adapter,
+)
+
+RoutingRule = Callable[[nn.Module, Any], Routing]  # (router module, text config) -> Routing
+
+
+def attr(obj: Any, *names: str, default: Any = None) -> Any:
+    """The first of `names` that `obj` has (families name the same field differently)."""
+    for name in names:
+        if hasattr(obj, name):
+            return getattr(obj, name)
+    return default
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one family's MoE layer looks like: names and routing, nothing else.
+
+    - `mlp`: attribute(s) of the decoder layer that may hold the MoE block (first present wins);
+    - `router`, `experts`, `shared`, `shared_gate`: attributes of the block (shared ones optional);
+    - `router_bias` / `correction_bias`: attributes of the router module, when it has them;
+    - `routing`: builds the `Routing` from the router module and the text config;
+    - `layers`: dotted path of the decoder layers from the top model (VLM wrappers differ);
+    - `tiny`: overrides on top of moepress.testing's generic tiny config (or a function editing it).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    routing: RoutingRule
+    num_experts_key: str = "num_experts"
+    mlp: tuple[str, ...] = ("mlp",)
+    router: str = "gate"
+    experts: str = "experts"
+    shared: str | None = None
+    shared_gate: str | None = None
+    router_bias: str | None = None
+    correction_bias: str | None = None
+    layers: str = "model.layers"
+    norm: str = "model.norm"
+    block_cls: type[MoEBlock] = MoEBlock
+    store: Callable[[nn.Module], ExpertStore] = TransformersExperts
+    tiny: dict[str, Any] | Callable[[Any], None] = field(default_factory=dict)
+    returns_tuple: bool = False  # the block returns (output, router scores): gpt-oss, Llama-4
+    note: str = ""
+
+
+class DeclaredAdapter(Adapter):
+    """The adapter for one `Family` declaration."""
+
+    def __init__(self, spec: Family):
+        self.spec = spec
+        self.family = spec.name
+        self.model_types = spec.model_types
+        self.num_experts_key = spec.num_experts_key
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.spec.layers)
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.spec.norm)
+
+    def _mlp(self, layer: nn.Module) -> nn.Module | None:
+        for name in self.spec.mlp:
+            module = getattr(layer, name, None)
+            if module is not None:
+                return module
+        return None
+
+    def is_moe(self, layer: nn.Module) -> bool:
+        mlp = self._mlp(layer)
+        return mlp is not None and hasattr(mlp, self.spec.experts) and hasattr(mlp, self.spec.router)
+
+    def block(self, layer_idx: int, layer: nn.Module) -> MoEBlock:
+        spec, mlp = self.spec, self._mlp(layer)
+        router = getattr(mlp, spec.router)
+        config = attr(mlp, "config", default=None) or attr(router, "config", default=None)
+        return spec.block_cls(
+            layer_idx=layer_idx,
+            module=mlp,
+            router_weight=router.weight,
+            routing=spec.routing(router, config),
+            experts=spec.store(getattr(mlp, spec.experts)),
+            shared=getattr(mlp, spec.shared, None) if spec.shared else None,
+            shared_gate=getattr(mlp, spec.shared_gate, None) if spec.shared_gate else None,
+            router_bias=getattr(router, spec.router_bias, None) if spec.router_bias else None,
+            correction_bias=getattr(router, spec.correction_bias, None) if spec.correction_bias else None,
+            returns_tuple=spec.returns_tuple,
+        )
+
+    def component(self, name: str) -> str:
+        spec = self.spec
+        for mlp in spec.mlp:
+            if f".{mlp}." not in name:
+                continue
+            if spec.shared and f".{mlp}.{spec.shared}." in name:
+                return "shared_experts"
+            if spec.shared_gate and f".{mlp}.{spec.shared_gate}." in name:
+                return "shared_experts"
+            if f".{mlp}.{spec.experts}." in name or f".{mlp}.novices" in name:
+                return "routed_experts"
+            if f".{mlp}.{spec.router}." in name:
+                return "router"
+        return super().component(name)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def declare(spec: Family) -> Family:
+    """Register a family declaration (one call per family, in its adapter file)."""
+    FAMILIES[spec.name] = spec
+    register_adapter(DeclaredAdapter(spec))
+    return spec

@@ -1,0 +1,130 @@
+"""Which model types of the installed transformers are Mixture-of-Experts decoders, derived from the
+library itself: a causal-LM model type whose modeling file defines a routed-experts class.
+
+tests/test_adapters.py compares this list with the families moepress has adapters for, so a
+transformers release that adds an MoE family fails the suite by that family's name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from functools import cache
+
+# transformers names its routed-experts classes `<Family>Experts` (fused, `use_experts_implementation`),
+# `<Family>ExpertGLU` (DBRX) or `<Family>ParallelExperts` (JetMoE); shared experts are not routed
+_EXPERTS_CLASS = re.compile(r"(Experts|ExpertGLU)$")
+
+
+@cache
+def transformers_moe_model_types() -> dict[str, str]:
+    """model_type -> causal-LM class name, for every causal LM of the installed transformers whose
+    modeling module defines a routed-experts class."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    found = {}
+    for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        try:
+            module = importlib.import_module(getattr(transformers, class_name).__module__)
+        except Exception:  # noqa: BLE001 - a model whose optional dependency is missing cannot be loaded anyway
+            continue
+        prefix = re.sub(r"For\w+$", "", class_name)
+        if any(
+            inspect.isclass(obj)
+            and obj.__module__ == module.__name__
+            and _EXPERTS_CLASS.search(name)
+            and (not name.endswith("SharedExperts") or name == prefix + "Experts")
+            for name, obj in vars(module).items()
+        ):
+            found[model_type] = class_name
+    return found
+
+
+def is_transformers_moe(model_type: str) -> bool:
+    """Whether `model_type` is an MoE family of the installed transformers (cheap for known types)."""
+    return model_type in transformers_moe_model_types()
+
+
+# MoE model types of transformers that moepress has no adapter for yet, with the reason (shown to users).
+NO_ADAPTER_YET: dict[str, str] = {
+    "dbrx": "DBRX stores experts as [E·I, H] matrices sized by a sub-config (ffn_config), which pruning "
+    "cannot yet rebuild",
+    "jetmoe": "JetMoE's router is not built from a config, its experts are two modules, and its expert "
+    "count also sizes the attention experts",
+    "longcat_flash": "LongCat-Flash's zero-computation (identity) experts share the router with the real "
+    "ones; pruning must keep them apart",
+    "deepseek_v4": "DeepSeek-V4's hash-routed layers pick experts by token id, which the expert view "
+    "cannot see; pruning them needs the hash table renumbered",
+    "gemma4": "Gemma 4's router and experts are direct children of the decoder layer, mixed into its "
+    "forward next to the dense MLP, not one replaceable block",
+    "gemma4_text": "Gemma 4's router and experts are direct children of the decoder layer, mixed into its "
+    "forward next to the dense MLP, not one replaceable block",
+    "axk1": "A.X K1's MoE block applies its own post-MLP norm to routed + shared output, which a "
+    "condensed block would lose",
+    "inkling_text": "Inkling's router scores the shared experts too (E + shared rows) and scales them "
+    "per token, so its shared output depends on routing",
+    "dots3_note": "dots3's config is heterogeneous per layer (per_layer_config), which the adapter and "
+    "surgery do not read yet",
+    "dots3_note_text": "dots3's config is heterogeneous per layer (per_layer_config), which the adapter "
+    "and surgery do not read yet",
+    "zaya": "ZAYA's router is an MLP that takes state carried from the previous layer and has an extra "
+    "skip-expert row",
+}
+
+
+def supported_model_types() -> set[str]:
+    """Every model_type some registered adapter accepts."""
+    from moepress.models.base import _REGISTRY, _load_all
+
+    _load_all()
+    return {t for adapter in _REGISTRY for t in adapter.model_types}
+
+
+def routing_description(block) -> str:
+    """A block's routing in a few words, read off the live block (not restated by hand)."""
+    r = block.routing
+    parts = [f"{r.scoring} top-k"]
+    if r.norm_topk:
+        parts.append("renormalised")
+    if r.scaling != 1.0:
+        parts.append(f"scaled ×{r.scaling:g}")
+    if r.n_group and r.n_group > 1:
+        parts.append("group-limited")
+    if block.correction_bias is not None:
+        parts.append("choice bias")
+    if block.router_bias is not None:
+        parts.append("router bias")
+    if type(block).__name__ != "MoEBlock":
+        parts.append(f"own block ({type(block).__name__})")
+    return ", ".join(parts)
+
+
+def families_table() -> list[dict[str, str]]:
+    """One row per registered family, read from a tiny random model of it (moepress.testing): model
+    types, where the MoE block lives, shared experts, routing and the condensed form."""
+    from moepress.models.base import _REGISTRY, _load_all
+    from moepress.testing import tiny_model
+
+    _load_all()
+    rows = []
+    for adapter in _REGISTRY:
+        model_type = adapter.model_types[0]
+        if model_type not in transformers_moe_model_types():  # remote code: no class in transformers
+            continue
+        model = tiny_model(model_type)
+        layers = adapter.layers(model)
+        i = adapter.moe_layer_ids(model)[0]
+        block = adapter.block(i, layers[i])
+        mlp = next(n for n, m in layers[i].named_modules() if m is block.module)
+        shared = "—" if block.shared is None else ("gated" if block.shared_gate is not None else "yes")
+        rows.append({
+            "family": adapter.family,
+            "model types": ", ".join(f"`{t}`" for t in adapter.model_types),
+            "MoE block": f"`layers[i].{mlp}`",
+            "shared experts": shared,
+            "routing": routing_description(block),
+            "condensed to": "dense MLP" if block.condenses_to_dense else "experts class",
+        })
+    return sorted(rows, key=lambda r: r["family"])
