@@ -46,6 +46,40 @@ def pruning_table() -> str:
     return "\n".join(lines)
 
 
+MERGING_ORDER = ("mone", "frequency", "reap", "m-smoe", "ream", "hc-smoe")
+
+
+def merging_table() -> str:
+    """Merging beside pruning on 1 × H200: dev ppl (JS) and HellaSwag / PIQA acc_norm per model."""
+    runs = {m: _load(f"pruning_quality_{m}_merging_h200.json") for m in MODELS}
+    runs = {m: r for m, r in runs.items() if r}
+    if not runs:
+        return ""
+
+    def acc(row: dict) -> str:
+        tasks = row.get("tasks") or {}
+        return "/".join(f"{tasks[t]['acc_norm']:.3f}" for t in ("hellaswag_local", "piqa_local") if t in tasks)
+
+    head = "| method | ratio | " + " | ".join(f"{m} ppl (JS) | {m} acc" for m in runs) + " | bytes kept |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(runs))]
+    orig = " | ".join(f"{r['models'][m]['original']['ppl']:.2f} | {acc(r['models'][m]['original'])}"
+                      for m, r in runs.items())
+    lines.append(f"| original | — | {orig} | 100% |")
+    for ratio in sorted({row["ratio"] for r in runs.values() for m in r["models"] for row in r["models"][m]["rows"]}):
+        for method in MERGING_ORDER:
+            cells, kept = [], []
+            for m, r in runs.items():
+                row = next((x for x in r["models"][m]["rows"] if x["method"] == method and x["ratio"] == ratio), None)
+                if row is None:
+                    cells.append("— | —")
+                    continue
+                cells.append(f"{row['ppl']:.2f} ({row['js']:.4f}) | {acc(row)}")
+                kept.append(100 * row["bytes_ratio"])
+            span = f"{min(kept):.1f}–{max(kept):.1f}%" if kept else "—"
+            lines.append(f"| {method} | {ratio:g} | " + " | ".join(cells) + f" | {span} |")
+    return "\n".join(lines)
+
+
 def cd_moe_table() -> str:
     """Per model: dev ppl of n condensed (S, SR k=2) vs dropped layers, bytes share, fine-tuning."""
     out = []
@@ -162,6 +196,7 @@ def fidelity_table() -> str:
 
 def main() -> None:
     for title, table in (("reproducing the papers", fidelity_table()), ("expert pruning", pruning_table()),
+                         ("merging", merging_table()),
                          ("CD-MoE", cd_moe_table()), ("speed", speed_table()), ("scale", scale_table())):
         print(f"### {title}\n\n{table}\n")
 

@@ -58,7 +58,7 @@ def mean_outputs(block: MoEBlock, x: torch.Tensor, gated: bool = False) -> torch
     """[E, H] float64: each expert's output averaged over ALL tokens x (not only those routed to it);
     `gated`: each token's output first scaled by the softmax of its router logits for that expert
     (REAM's router-weighted activation)."""
-    weight = block.experts.weights(0)[0]
+    weight = block.experts.weights(0)[1]  # up: every expert has one (gate is None for non-gated experts)
     x = x.reshape(-1, block.hidden_size).to(weight.device, weight.dtype)
     probs = block.router_logits(x).softmax(dim=-1) if gated else None
     rows = []
@@ -73,7 +73,8 @@ def mean_outputs(block: MoEBlock, x: torch.Tensor, gated: bool = False) -> torch
 @torch.no_grad()
 def router_logits(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
     """[N, E] float64 router logits of tokens x."""
-    return block.router_logits(x.reshape(-1, block.hidden_size)).double().cpu()
+    x = x.reshape(-1, block.hidden_size).to(block.router_weight.device)
+    return block.router_logits(x).double().cpu()
 
 
 def cosine_distance(features: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ class ReconstructionError:
 
     @torch.no_grad()
     def __init__(self, block: MoEBlock, x: torch.Tensor, token_chunk: int = 64):
-        weight = block.experts.weights(0)[0]
+        weight = block.experts.weights(0)[1]
         x = x.reshape(-1, block.hidden_size).to(weight.device, weight.dtype)
         self.block = block
         self.num_tokens = x.shape[0]

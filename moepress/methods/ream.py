@@ -102,7 +102,7 @@ def pseudo_group(distance: torch.Tensor, centres: list[int], group_size: int) ->
 @torch.no_grad()
 def activation_matching(block: MoEBlock, x: torch.Tensor):
     """`permutation(centre, member)` by REAM's cost: activation patterns plus weight rows."""
-    weight = block.experts.weights(0)[0]
+    weight = block.experts.weights(0)[1]
     x = x.reshape(-1, block.hidden_size).to(weight.device, weight.dtype)
 
     act_fn = block.experts.act_fn
