@@ -63,23 +63,18 @@ def families(
     markdown: Annotated[bool, typer.Option("--markdown", help="print the README's Markdown table")] = False,
 ) -> None:
     """Every MoE family moepress has an adapter for, where its MoE pieces live and how it routes."""
-    from moepress.models.families import families_table
+    from moepress.models.families import NO_ADAPTER_YET, families_markdown, families_table
 
-    rows = families_table()
     if markdown:
-        print(markdown_table(rows))
+        print(families_markdown())
         return
+    rows = families_table()
     table = Table(*rows[0].keys())
     for row in rows:
         table.add_row(*row.values())
     console.print(table)
-
-
-def markdown_table(rows: list[dict[str, str]]) -> str:
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row[h] for h in head) + " |" for row in rows]
-    return "\n".join(lines)
+    for model_type, reason in sorted(NO_ADAPTER_YET.items()):
+        console.print(f"no adapter yet: [yellow]{model_type}[/yellow]: {reason}")
 
 
 @app.command()

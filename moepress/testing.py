@@ -100,12 +100,19 @@ def declared_tiny_config(model_type: str) -> PretrainedConfig:
     for c in (cfg, getattr(cfg, "text_config", None)):
         if c is None:
             continue
+        # a heterogeneous config (`per_layer_config`) refuses global reads of its per-layer fields; the
+        # generic sizes go to the global values and the family's `tiny` rebuilds `per_layer_config`
+        heterogeneous = getattr(c, "is_heterogeneous", False)
+        if heterogeneous:
+            c.allow_global_per_layer_attribute_access = True
         for key, value in _GENERIC_TINY.items():
             if hasattr(c, key):
                 setattr(c, key, value)
         settable = getattr(getattr(type(c), "layer_types", None), "fset", True) is not None  # Jamba derives it
         if settable and isinstance(getattr(c, "layer_types", None), list) and c.layer_types:
             c.layer_types = (c.layer_types * c.num_hidden_layers)[: c.num_hidden_layers]
+        if heterogeneous:
+            c.__dict__.pop("allow_global_per_layer_attribute_access", None)  # back to transformers' default
     if callable(spec.tiny):
         spec.tiny(cfg)
     else:

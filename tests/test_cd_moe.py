@@ -362,3 +362,105 @@ def test_the_no_cache_paths_score_the_same():
         found.append(search.search_experts(layer, 2, [float(w) for w in weights], pool))
     assert found[0].order == found[1].order
     assert found[0].curve == pytest.approx(found[1].curve, rel=1e-6)
+
+
+# ---- layers not of the form h_mid + mlp(x) (post-MLP norm, hyper-connections) ------------------------
+def _layer_outputs(model, ids, actions: dict[int, LayerAction]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every decoder layer's output and the LM head's input, the whole model run with `actions`."""
+    adapter = get_adapter(model)
+    outputs, handles = [], []
+    for layer in adapter.layers(model):
+        handles.append(layer.register_forward_hook(
+            lambda _m, _args, out: outputs.append(out[0] if isinstance(out, tuple) else out)))
+    blocks = adapter.blocks(model)
+    for i, a in actions.items():
+        b = blocks[i]
+        handles.append(b.module.register_forward_hook(
+            lambda _m, args, _out, b=b, a=a: b.wrap_output(b.forward(args[0], a))))
+    try:
+        with torch.no_grad():
+            final = model.model(input_ids=ids, use_cache=False).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs, final
+
+
+def _seq_mean_js(original: torch.Tensor, candidate: torch.Tensor) -> float:
+    from moepress.methods.scoring import hidden_js
+
+    flat = lambda h: h.reshape(h.shape[0], h.shape[1], -1)  # noqa: E731 - several streams: one vector a token
+    return float(hidden_js(flat(original), flat(candidate)).mean(-1).double().mean())
+
+
+def _brute_force_reference_search(model, ids, experts: int, layers: int):
+    """CD-MoE's default search with every candidate a whole-model forward: expert candidates scored at
+    their own layer's output (the LM head's input for the last layer), layers at the LM head's input."""
+    blocks = get_adapter(model).blocks(model)
+    last = len(get_adapter(model).layers(model)) - 1
+    original, original_final = _layer_outputs(model, ids, {})
+    mass = {i: RoutingMass.zeros(b.num_experts) for i, b in blocks.items()}
+    handles = [b.module.register_forward_pre_hook(lambda _m, args, i=i, b=b: mass[i].update(b, args[0]))
+               for i, b in blocks.items()]
+    _layer_outputs(model, ids, {})
+    for h in handles:
+        h.remove()
+    actions, orders = {}, {}
+    for i in blocks:
+        weights = condense_weights(mass[i], "routed")
+        pool = [e for e in range(len(weights)) if weights[e] > 0]
+        order: list[int] = []
+        for _ in range(min(experts, len(pool))):
+            scores = []
+            for e in (e for e in pool if e not in order):
+                outs, final = _layer_outputs(model, ids, {i: condense_action(order + [e], weights)})
+                ref, cand = (original_final, final) if i == last else (original[i], outs[i])
+                scores.append((_seq_mean_js(ref, cand), e))
+            order.append(min(scores)[1])
+        orders[i], actions[i] = order, condense_action(order, weights)
+    chosen: dict[int, LayerAction] = {}
+    curve = []
+    for _ in range(layers):
+        scores = [(_seq_mean_js(original_final, _layer_outputs(model, ids, {**chosen, m: actions[m]})[1]), m)
+                  for m in sorted(blocks) if m not in chosen]
+        value, m = min(scores)
+        chosen[m] = actions[m]
+        curve.append(value)
+    return list(chosen), curve, chosen, orders
+
+
+@pytest.mark.parametrize("family", ["flex_olmo", "hy_v4"])  # a post-MLP norm; 4 hyper-connection streams
+def test_search_on_layers_not_of_the_residual_form_equals_the_brute_force_reference(family):
+    """Such a layer is run whole per candidate, on its cached input: the plan, expert orders and curve
+    are those of the search that runs the whole model per candidate."""
+    model = tiny_model(family, seed=1)
+    ids = _ids(n=4, length=12)
+    plan = cd_moe(model, ids, experts=2, layers=2, batch_size=2)
+    order, curve, actions, expert_orders = _brute_force_reference_search(model, ids, 2, 2)
+    fp = plan.metadata["forward_passes"]
+    assert fp["whole_layers"] == get_adapter(model).moe_layer_ids(model)  # the fallback ran
+    assert plan.metadata["order"] == order
+    _assert_same_actions(plan.layers, actions)
+    assert {int(i): v["order"] for i, v in plan.metadata["experts"].items()} == expert_orders
+    assert plan.metadata["curve"] == pytest.approx(curve, rel=1e-4, abs=1e-9)
+    assert fp["search_layer_forwards"] < fp["naive_layer_forwards"]
+
+
+@pytest.mark.parametrize(("family", "kwargs"), [
+    ("flex_olmo", {"experts": 1, "metric": "js"}),
+    ("hy_v4", {"experts": 1, "metric": "kl"}),
+    ("afmoe", {"experts": 0, "drop": True, "metric": "js"}),
+])
+def test_next_token_search_on_layers_not_of_the_residual_form_equals_the_naive_reference(family, kwargs):
+    model = tiny_model(family, seed=2)
+    ids = _ids(n=4, length=12)
+    n_moe = len(get_adapter(model).moe_layer_ids(model))
+    plan = cd_moe(model, ids, layers=n_moe, batch_size=2, weight_mode="all", **kwargs)
+    order, curve, actions, expert_orders = _naive_search(model, ids, kwargs["experts"], n_moe,
+                                                         kwargs["metric"], kwargs.get("drop", False))
+    assert plan.metadata["forward_passes"]["whole_layers"]
+    assert plan.metadata["order"] == order
+    _assert_same_actions(plan.layers, actions)
+    if not kwargs.get("drop"):
+        assert {int(i): v["order"] for i, v in plan.metadata["experts"].items()} == expert_orders
+    assert plan.metadata["curve"] == pytest.approx(curve, rel=1e-4, abs=1e-7)

@@ -70,6 +70,22 @@ def test_streamed_cd_moe_sr_equals_in_memory(tmp_path, family):
     assert passes["layer_loads"] <= 4 * 3
 
 
+@pytest.mark.parametrize(("family", "kwargs"), [
+    ("flex_olmo", {"layers": 2, "experts": 2}),  # a post-MLP norm: its layers run whole per candidate
+    ("qwen4_exp", {"layers": 2, "experts": 1}),  # hyper-connections: several residual streams
+    ("afmoe", {"layers": 2, "drop": True, "metric": "vocab-js"}),
+])
+def test_streamed_equals_in_memory_on_layers_not_of_the_residual_form(tmp_path, family, kwargs):
+    model = tiny_model(family)  # the family's own tiny layer types
+    model.save_pretrained(tmp_path)
+    ids = _ids()
+    memory = cd_moe(model, ids, batch_size=4, **kwargs)
+    assert memory.metadata["forward_passes"]["whole_layers"]
+    streamed = _streamed(tmp_path, ids, batch_size=4, **kwargs)
+    _assert_same_plan(memory, streamed)
+    assert streamed.metadata["forward_passes"]["whole_layers"] == memory.metadata["forward_passes"]["whole_layers"]
+
+
 @pytest.mark.parametrize("kwargs", [
     {"experts": 0, "memory_budget": 0.9},
     {"drop": True, "layers": 2, "metric": "vocab-js"},

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from moepress.errors import MoepressError
 
@@ -256,3 +257,29 @@ def test_a_valid_plan_reaches_the_weights(tiny, plan_json, outs, tmp_path):
     path.write_text(json.dumps(plan_json))
     with pytest.raises(WeightsRead):
         run_main(["apply", tiny, path, "-o", outs / "out"])
+
+
+def test_moe_family_without_an_adapter(calib, outs, tmp_path):
+    """An MoE model type of transformers that moepress has no adapter for: one line naming the model type
+    and the reason, from `inspect` and `compress`, before any weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moepress.models.families import NO_ADAPTER_YET
+    from moepress.pipeline import byte_tokenizer
+
+    model_type = "zaya"
+    assert model_type in NO_ADAPTER_YET
+    config = AutoConfig.for_model(model_type)  # full size: only an empty (meta) copy is ever built
+    folder = tmp_path / model_type
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(config)  # the config builds: the refusal is moepress's
+    config.save_pretrained(folder)
+    from safetensors.torch import save_file
+
+    save_file({"unused": torch.zeros(1)}, folder / "model.safetensors")  # a valid header; never read
+    byte_tokenizer().save_pretrained(folder)
+    for args in (["inspect", folder],
+                 ["compress", folder, "--method", "mone", "--ratio", "0.25", "--data", calib, *ARGS, "-o",
+                  outs / "out"]):
+        message = refused(args, fix="no adapter", outs=outs)
+        assert "'zaya'" in message and NO_ADAPTER_YET[model_type] in message

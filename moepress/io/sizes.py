@@ -60,15 +60,27 @@ def _sum(tensors) -> Size:
     return Size(sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors))
 
 
-def _rows(tensors, n_old: int, n_new: int) -> Size:
-    """Size of the tensors once those with a leading per-expert dimension keep `n_new` of `n_old`."""
+def _rows(tensors, n_old: int, n_new: int, extra: int = 0) -> Size:
+    """Size of the tensors once those with a leading per-expert dimension keep `n_new` of `n_old`
+    (`extra` trailing rows, kept always, as LongCat-Flash's identity experts' router rows)."""
     params = nbytes = 0
     for t in tensors:
         per_expert = t.ndim and (t.shape[0] == n_old or (t.ndim > 1 and t.shape[-1] == n_old))
-        n = t.numel() // n_old * n_new if per_expert else t.numel()
+        if extra and t.ndim and t.shape[0] == n_old + extra:
+            n = t.numel() // (n_old + extra) * (n_new + extra)
+        else:
+            n = t.numel() // n_old * n_new if per_expert else t.numel()
         params += n
         nbytes += n * t.element_size()
     return Size(params, nbytes)
+
+
+def _kept_experts(block, kept: list[int]) -> Size:
+    """Size of the experts module holding only experts `kept`: the store's `kept_state` where its layout
+    is not one expert per leading index (DBRX's [E·I, H] matrices), else the per-expert rows."""
+    if hasattr(block.experts, "kept_state"):
+        return _sum(block.experts.kept_state(kept).values())
+    return _rows([t for _, t in saved_tensors(block.experts.module)], block.num_experts, len(kept))
 
 
 def predict_size(model: nn.Module, plan: CompressionPlan) -> Size:
@@ -87,19 +99,23 @@ def predict_size(model: nn.Module, plan: CompressionPlan) -> Size:
         itemsize, hidden = up.element_size(), block.hidden_size
         keep_shared = isinstance(action, Condense) and action.keep_shared and block.shared is not None
         shared_gate = keep_shared and block.shared_gate is not None
+        post_norm = getattr(block, "post_norm", None)  # a condensed block keeps the block's output norm
+        norm = _sum(t for _, t in saved_tensors(post_norm)) if post_norm is not None else Size(0, 0)
         if isinstance(action, Drop):
             new = Size(0, 0)
         elif isinstance(action, Condense) and block.condenses_to_dense:
             shared = block.shared_intermediate if keep_shared else 0
             rows = shared + len(action.experts) * block.expert_intermediate
             n = (2 if gate is None else 3) * rows * hidden + (hidden if shared_gate else 0)
-            new = Size(n, n * itemsize)
+            new = Size(n + norm.params, n * itemsize + norm.bytes)
         elif isinstance(action, Condense):  # the family's experts class with the chosen experts (CondensedExperts)
             k = len(action.experts)
-            kept = _rows([t for _, t in saved_tensors(block.experts.module)], block.num_experts, k)
+            kept = _kept_experts(block, action.experts)
             shared = _sum(t for m in (block.shared, block.shared_gate) if keep_shared and m is not None
                           for _, t in saved_tensors(m) if m is block.shared or shared_gate)
-            new = Size(kept.params + shared.params + k, kept.bytes + shared.bytes + k * itemsize)
+            new = Size(
+                kept.params + shared.params + k + norm.params, kept.bytes + shared.bytes + k * itemsize + norm.bytes
+            )
         else:
             e, n_active = block.num_experts, len(action.keep_experts) + len(action.novices)
             router, experts = block.router, block.experts.module
@@ -109,11 +125,11 @@ def predict_size(model: nn.Module, plan: CompressionPlan) -> Size:
             moved |= {id(t) for t in own.values() if t.ndim and t.shape[0] == e}
             rest = _sum(t for _, t in saved_tensors(block.module) if id(t) not in moved)
             rest = Size(rest.params + block_rows.params, rest.bytes + block_rows.bytes)
-            routed = _rows([t for _, t in saved_tensors(router)], e, n_active)
+            routed = _rows([t for _, t in saved_tensors(router)], e, n_active, block.extra_router_rows)
             if isinstance(experts, nn.ModuleList):
                 kept = _sum(t for k in action.keep_experts for _, t in saved_tensors(experts[k]))
             else:
-                kept = _rows([t for _, t in saved_tensors(experts)], e, len(action.keep_experts))
+                kept = _kept_experts(block, action.keep_experts)
             novices = len(action.novices) * hidden
             new = Size(
                 rest.params + routed.params + kept.params + novices,

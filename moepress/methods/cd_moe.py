@@ -239,6 +239,7 @@ def cd_moe(
         steps = search.search_layers(actions, done)
         counts = search.counts
         local_experts = search.local_expert_metric
+        whole = sorted(search.whole & set(candidates))
         sweeps = getattr(search, "sweep_seconds", None)
     finally:
         if stream is None:
@@ -260,7 +261,7 @@ def cd_moe(
     if metric == "ppl":
         naive -= num_layers  # no reference distributions to compute
     expected = fast_layer_forwards(
-        num_layers, expert_candidates, list(zip(step_candidates, order, strict=True)), local_experts
+        num_layers, expert_candidates, list(zip(step_candidates, order, strict=True)), local_experts, whole
     )
     if counts.layer_forwards != expected:  # the formula documents the search; keep them in step
         raise AssertionError(f"layer-forwards {counts.layer_forwards} != formula {expected}")
@@ -269,6 +270,8 @@ def cd_moe(
         "search_layer_forwards": counts.layer_forwards,
         "naive_layer_forwards": naive,
         "metric_evals": counts.metric_evals,
+        # candidate layers not of the form h_mid + mlp(x): each candidate there runs its whole layer
+        **({"whole_layers": whole} if whole else {}),
     }
     if stream is not None:
         loads = streamed_layer_loads(num_layers, list(zip(step_candidates, order, strict=True)))

@@ -12,6 +12,13 @@ Why it is fast (L decoder layers, calibration set of N tokens, layer l is the ca
   x_l and the residual stream after attention h_mid_l (so the layer's output is h_mid_l + mlp(x_l)).
   It runs each MoE MLP through a recorder that returns zeros, so h_mid_l is exactly what the layer
   adds the MLP output to; a one-batch check per MoE layer confirms the layer is that residual form.
+- A layer that is not of that form (it transforms the MLP output before the residual: a post-MLP
+  norm, hyper-connections mixing several residual streams with per-token weights) is a "whole" layer:
+  for it the pass caches the layer's INPUT (the hidden state entering the decoder layer) besides x_l,
+  and a candidate's output of that layer is the whole decoder layer run on that input with the MoE
+  block's forward replaced by the candidate's MLP (`simulate.forward_replaced`) — what the whole-model
+  search computes, one more layer-forward per candidate (x_l still gives the routing statistics and
+  the expert outputs: the MLP input does not depend on the MLP's output).
 - A candidate that changes only layer l's MLP needs no attention of layer l and no layer before
   it: its layer-l output is h_mid_l + y_candidate(x_l), then layers l+1 .. L-1 run, then the final
   norm and LM head are streamed against the cached original distributions (`scoring.py`).
@@ -27,10 +34,12 @@ Why it is fast (L decoder layers, calibration set of N tokens, layer l is the ca
 Cost in layer-forwards (one decoder layer over the whole calibration set for one candidate); with
 P_l experts considered in layer l, budget k_l = min(k, P_l), c_l = Σ_{s<k_l} (P_l − s) expert
 candidates, R_j the candidate layers of layer step j and m_j the layer chosen:
-    fast  = L + Σ_l c_l·(L−1−l) + Σ_j Σ_{m∈R_j} (L−1−m) + Σ_{j<last} (L−1−m_j)
+    fast  = L + Σ_l c_l·a_l + Σ_j Σ_{m∈R_j} a_m + Σ_{j<last} a_{m_j},   a_l = L−1−l (+1 for a whole layer)
     naive = L + Σ_l c_l·L       + Σ_j |R_j|·L
 (the naive search runs the whole model per candidate, plus once for the reference). Both evaluate
-the LM head and the metric the same number of times: 1 + Σ_l c_l + Σ_j |R_j|.
+the LM head and the metric the same number of times: 1 + Σ_l c_l + Σ_j |R_j|. With the reference
+metric the expert search runs no layer for a residual layer and 1 + c_l for a whole one (its original
+output, then one per candidate) instead of Σ_l c_l·a_l.
 Not counted: the one-batch structure check per MoE layer and the MLP-only work at a candidate's own
 layer (its condensed MLP, k_l + shared experts, or one expert term in an expert step).
 
@@ -40,7 +49,7 @@ The same search with the decoder layers streamed from the checkpoint (models lar
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -143,11 +152,16 @@ def fast_layer_forwards(
     expert_candidates: Mapping[int, int],
     layer_steps: list[tuple[list[int], int]],
     local_experts: bool = False,
+    whole: Collection[int] = (),
 ) -> int:
     """Layer-forwards of the cached search; `layer_steps` is [(candidate layers, chosen layer)].
-    With `local_experts` (the reference metric) expert candidates are scored at their own layer."""
-    after = lambda l: num_layers - 1 - l  # noqa: E731 - the formula reads best inline
-    total = num_layers + (0 if local_experts else sum(c * after(l) for l, c in expert_candidates.items()))
+    With `local_experts` (the reference metric) expert candidates are scored at their own layer.
+    `whole`: the layers not of the residual form, where a candidate also runs its own layer."""
+    after = lambda l: num_layers - 1 - l + (l in whole)  # noqa: E731 - the formula reads best inline
+    if local_experts:
+        total = num_layers + sum(1 + c for l, c in expert_candidates.items() if l in whole)
+    else:
+        total = num_layers + sum(c * after(l) for l, c in expert_candidates.items())
     for j, (cands, chosen) in enumerate(layer_steps):
         total += sum(after(m) for m in cands)
         if j < len(layer_steps) - 1:
@@ -220,6 +234,8 @@ class GreedySearch:
         self.stats: dict[int, RoutingMass] = {}
         self.x: dict[int, list[torch.Tensor]] = {}
         self.mid: dict[int, list[torch.Tensor]] = {}
+        self.inp: dict[int, list[torch.Tensor]] = {}  # whole layers: the decoder layer's input
+        self.whole: set[int] = set()  # MoE layers not of the form h_mid + mlp(x)
         final = self._original_pass(inputs.hidden)
         self.metric = metric
         self.norm = self.adapter.final_norm(model)
@@ -248,22 +264,55 @@ class GreedySearch:
         return out[0] if isinstance(out, tuple) else out
 
     def _capture(self, j: int, h: torch.Tensor, kw: dict, action: LayerAction | None, i: int) -> torch.Tensor:
-        """Run MoE layer j on batch i's input h, storing its MLP input and residual; returns its output."""
+        """Run MoE layer j on batch i's input h, storing its MLP input and residual (a whole layer: its
+        input); returns its output."""
         block = self.blocks[j]
         original = block.module.forward
         record: dict[str, torch.Tensor] = {}
+        whole = j in self.whole
 
         def recorder(x: torch.Tensor, *args, **kwargs):
             y = original(x, *args, **kwargs) if action is None else block.forward(x, action)
             y = y[0] if isinstance(y, tuple) else y  # gpt-oss and Llama-4 blocks also return router scores
             record["x"], record["y"] = x, y
-            return block.wrap_output(torch.zeros_like(y))
+            return block.wrap_output(y if whole else torch.zeros_like(y))
 
         with forward_replaced(block.module, recorder):
-            mid = self._layer(j, h, kw)
+            out = self._layer(j, h, kw)
         self.x.setdefault(j, [None] * len(self.kwargs))[i] = record["x"].to(self.storage)
-        self.mid.setdefault(j, [None] * len(self.kwargs))[i] = mid.to(self.storage)
-        return mid + record["y"].reshape(mid.shape)
+        if whole:
+            self.inp[j][i] = h.to(self.storage)
+            return out
+        self.mid.setdefault(j, [None] * len(self.kwargs))[i] = out.to(self.storage)
+        if record["y"].numel() != out.numel():  # several residual streams: not the residual form
+            return torch.full_like(out, float("nan"))  # fails `_capture_original`'s check
+        return out + record["y"].reshape(out.shape)
+
+    def _capture_original(self, j: int, h: torch.Tensor, kw: dict, i: int) -> torch.Tensor:
+        """`_capture` in the original pass; on the first batch it also tells whether layer j is of the
+        residual form (else it becomes a whole layer: its input is cached instead of h_mid)."""
+        out = self._capture(j, h, kw, None, i)
+        if i == 0:
+            direct = self._layer(j, h, kw)
+            tol = 1e-4 if direct.dtype == torch.float32 else 2e-2
+            err = (direct.float() - out.float()).abs().max().item()
+            if not err <= tol * max(direct.float().abs().max().item(), 1.0):  # NaN: not comparable
+                self.whole.add(j)
+                del self.mid[j]
+                self.inp[j] = [None] * len(self.kwargs)
+                self.inp[j][0] = h.to(self.storage)
+                out = direct
+        return out
+
+    def _run_whole(self, m: int, i: int, mlp: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Output of whole layer m on batch i's cached input, its MoE block computing `mlp(x)`."""
+        block = self.blocks[m]
+
+        def forward(x: torch.Tensor, *args, **kwargs):
+            return block.wrap_output(mlp(x))
+
+        with forward_replaced(block.module, forward):
+            return self._layer(m, self.inp[m][i].to(self.device), self.kwargs[i])
 
     @torch.no_grad()
     def _original_pass(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -276,26 +325,13 @@ class GreedySearch:
             for i, kw in enumerate(self.kwargs):
                 h = hidden[i].to(self.device)
                 if j in moe:
-                    out = self._capture(j, h, kw, None, i)
+                    out = self._capture_original(j, h, kw, i)
                     self.stats[j].update(self.blocks[j], self.x[j][i].to(self.device))
-                    if i == 0:
-                        self._check_residual_form(j, h, kw, out)
                 else:
                     out = self._layer(j, h, kw)
                 hidden[i] = out.to(self.storage)
             self.counts.layer_forwards += 1
         return hidden
-
-    def _check_residual_form(self, j: int, h: torch.Tensor, kw: dict, rebuilt: torch.Tensor) -> None:
-        direct = self._layer(j, h, kw)
-        tol = 1e-4 if direct.dtype == torch.float32 else 2e-2
-        err = (direct.float() - rebuilt.float()).abs().max().item()
-        if err > tol * max(direct.float().abs().max().item(), 1.0):
-            raise MoepressError(
-                f"decoder layer {j} is not of the form h_mid + mlp(x) (it changes the MLP output before the "
-                f"residual: a post-MLP norm or hyper-connections; max difference {err:.3g}), so the CD-MoE / "
-                "layer-drop search cannot run on this family; use a statistics method (mone, frequency, reap, a merge)"
-            )
 
     # ---- scoring candidates --------------------------------------------------------------------
     @torch.no_grad()
@@ -323,7 +359,7 @@ class GreedySearch:
                         sums[c] += self.scorer.batch_sum(i, stack[pos * b : (pos + 1) * b])
                 for c in group:
                     values[c] = self.scorer.value(sums[c])
-        self.counts.layer_forwards += sum(self.num_layers - 1 - c.start for c in candidates)
+        self.counts.layer_forwards += sum(self.num_layers - 1 - c.start + (c.start in self.whole) for c in candidates)
         self.counts.metric_evals += len(candidates)
         return values
 
@@ -353,7 +389,7 @@ class GreedySearch:
             return self._search_experts_local(layer, k, weights, pool)
         block = self.blocks[layer]
         hsize = block.hidden_size
-        xs, mids = self.x[layer], self.mid[layer]
+        xs, mids = self.x[layer], self.mid.get(layer)
         expert_out = self._expert_outputs(layer, pool)
         shared = [block.shared_out(x.to(self.device).reshape(-1, hsize)) for x in xs]
         routed = [torch.zeros(x.shape[0] * x.shape[1], hsize, dtype=x.dtype, device=self.device) for x in xs]
@@ -363,11 +399,14 @@ class GreedySearch:
         # Same operations, in the same order, as MoEBlock.forward under the Condense action, so a
         # candidate's hidden states equal those of the applied-by-hooks model bit for bit.
         def hidden(e: int) -> Callable[[int], torch.Tensor]:
-            def at(i: int) -> torch.Tensor:
+            def mlp(i: int) -> torch.Tensor:
                 out = routed[i] + weights[e] * expert_out(e, i)
-                if shared[i] is not None:
-                    out = out + shared[i]
-                return mids[i].to(self.device) + out.reshape(mids[i].shape)
+                return out if shared[i] is None else out + shared[i]
+
+            def at(i: int) -> torch.Tensor:
+                if mids is None:  # a whole layer: run it with this MLP output
+                    return self._run_whole(layer, i, lambda x: mlp(i).reshape(x.shape))
+                return mids[i].to(self.device) + mlp(i).reshape(mids[i].shape)
 
             return at
 
@@ -393,6 +432,8 @@ class GreedySearch:
         last = layer == self.num_layers - 1
         post = self.norm if last else (lambda h: h)
         expert_out = self._expert_outputs(layer, pool)
+        if layer in self.whole:
+            return self._search_experts_local_whole(layer, k, weights, pool, post, expert_out)
         refs, base = [], []
         for x, mid in zip(self.x[layer], self.mid[layer], strict=True):
             x, mid = x.to(self.device), mid.to(self.device)
@@ -421,11 +462,61 @@ class GreedySearch:
             base = [b + (weights[e] * expert_out(e, i)).reshape(b.shape) for i, b in enumerate(base)]
         return ExpertSearch(layer=layer, order=order, curve=curve, pool=list(pool))
 
+    def _search_experts_local_whole(
+        self, layer: int, k: int, weights: list[float], pool: list[int], post, expert_out
+    ) -> ExpertSearch:
+        """`_search_experts_local` on a whole layer: the original output and every candidate's are the
+        decoder layer run on its cached input (the candidate's MLP output in the order of
+        `MoEBlock.forward` under Condense). A layer output with several streams ([b, T, streams, H]) is
+        compared as one vector per token."""
+        block = self.blocks[layer]
+        hsize = block.hidden_size
+
+        def flat(h: torch.Tensor) -> torch.Tensor:
+            h = post(h)
+            return h.reshape(h.shape[0], h.shape[1], -1)
+
+        refs, shared, routed = [], [], []
+        for i, x in enumerate(self.x[layer]):
+            x = x.to(self.device)
+            refs.append(HiddenReference(flat(self._layer(layer, self.inp[layer][i].to(self.device), self.kwargs[i]))))
+            shared.append(block.shared_out(x.reshape(-1, hsize)))
+            routed.append(torch.zeros(x.numel() // hsize, hsize, dtype=x.dtype, device=self.device))
+        self.counts.layer_forwards += 1
+        sequences = sum(r.p_eps.shape[0] for r in refs)
+
+        def mlp(i: int, e: int) -> torch.Tensor:
+            out = routed[i] + weights[e] * expert_out(e, i)
+            return out if shared[i] is None else out + shared[i]
+
+        order: list[int] = []
+        curve: list[float] = []
+        for _ in range(min(k, len(pool))):
+            remaining = [e for e in pool if e not in order]
+            values = []
+            for e in remaining:
+                total = 0.0
+                for i, ref in enumerate(refs):
+                    cand = self._run_whole(layer, i, lambda x, i=i, e=e: mlp(i, e).reshape(x.shape))
+                    total += float(ref.js(flat(cand)).mean(-1).double().sum())
+                values.append(total / sequences)
+            self.counts.layer_forwards += len(remaining)
+            self.counts.metric_evals += len(remaining)
+            best = min(range(len(values)), key=lambda c: (values[c], c))
+            e = remaining[best]
+            order.append(e)
+            curve.append(values[best])
+            routed = [r + weights[e] * expert_out(e, i) for i, r in enumerate(routed)]
+        return ExpertSearch(layer=layer, order=order, curve=curve, pool=list(pool))
+
     # ---- layer search --------------------------------------------------------------------------
     def _layer_candidate(self, m: int, action: LayerAction) -> Candidate:
+        """Layer m under `action`; its output on batch i (a whole layer runs: see `_run_whole`)."""
         block = self.blocks[m]
 
         def at(i: int) -> torch.Tensor:
+            if m in self.whole:
+                return self._run_whole(m, i, lambda x: block.forward(x, action))
             mid = self.mid[m][i].to(self.device)
             return mid + block.forward(self.x[m][i].to(self.device), action).reshape(mid.shape)
 
@@ -439,7 +530,7 @@ class GreedySearch:
             h = self._layer_candidate(m, context[m]).hidden(i)
             for j in range(m + 1, self.num_layers):
                 h = self._capture(j, h, kw, context.get(j), i) if j in moe else self._layer(j, h, kw)
-        self.counts.layer_forwards += self.num_layers - 1 - m
+        self.counts.layer_forwards += self.num_layers - 1 - m + (m in self.whole)
 
     @torch.no_grad()
     def search_layers(

@@ -139,12 +139,19 @@ class NextTokenScorer:
 
     # ---- pieces --------------------------------------------------------------------------------
     def _chunks(self, hidden: torch.Tensor) -> list[torch.Tensor]:
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        return list(flat.split(self.chunk))
+        """Token chunks [n, ...] of final hidden states [b, T, ...] (several streams keep their axis)."""
+        return list(hidden.flatten(0, 1).split(self.chunk))
+
+    def _normed(self, hidden_chunk: torch.Tensor) -> torch.Tensor:
+        """The LM head's input [n, H]; a chunk of several streams [n, S, H] goes through the final
+        module(s) as one sequence [1, n, S, H] (they collapse the streams per token)."""
+        if hidden_chunk.dim() == 2:
+            return self.norm(hidden_chunk)
+        return self.norm(hidden_chunk.unsqueeze(0)).squeeze(0)
 
     def log_probs(self, hidden_chunk: torch.Tensor) -> torch.Tensor:
         """Float32 next-token log-probabilities of final hidden states [n, H] (pre final norm)."""
-        return torch.log_softmax(self.head(self.norm(hidden_chunk)).float(), dim=-1)
+        return torch.log_softmax(self.head(self._normed(hidden_chunk)).float(), dim=-1)
 
     def _log_probs_and_probs(self, hidden_chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logp = self.log_probs(hidden_chunk)
@@ -165,7 +172,7 @@ class NextTokenScorer:
             hidden = final_hidden[:, :-1]
             targets = ids[:, 1:].reshape(-1)
             for c, h in enumerate(self._chunks(hidden)):
-                logits = self.head(self.norm(h)).float()
+                logits = self.head(self._normed(h)).float()
                 t = targets[c * self.chunk : c * self.chunk + h.shape[0]]
                 total += float(F.cross_entropy(logits, t, reduction="sum").double())
             return total

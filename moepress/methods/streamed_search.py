@@ -1,7 +1,8 @@
 """The cached greedy search (`greedy_search.GreedySearch`) with the decoder layers streamed from the
 checkpoint's safetensors shards: one decoder layer on the device at a time, so a model larger than
 the GPU can be searched. The cached layer states (MLP input x_l and residual h_mid_l of each candidate
-layer), the candidates' hidden states and the reference's final states stay in memory (`storage`).
+layer, or x_l and the layer's input for a layer not of the residual form — see `greedy_search`), the
+candidates' hidden states and the reference's final states stay in memory (`storage`).
 
 Schedule. Every piece of work that needs decoder layer j is done while j is loaded, and the work is
 arranged in sweeps over the layers in order, so each layer is read once per sweep:
@@ -100,6 +101,8 @@ class StreamedGreedySearch(GreedySearch):
         self.stats: dict[int, RoutingMass] = {}
         self.x: dict[int, list[torch.Tensor]] = {}
         self.mid: dict[int, list[torch.Tensor]] = {}
+        self.inp: dict[int, list[torch.Tensor]] = {}
+        self.whole: set[int] = set()
         # the final norm (and the LM head for next-token metrics) join the device for the search
         self._moved = [self.adapter.final_norm(self.model)]
         if metric != "hidden-js":
@@ -118,6 +121,7 @@ class StreamedGreedySearch(GreedySearch):
             module.to(self.stream.rest_device)
         self.x.clear()
         self.mid.clear()
+        self.inp.clear()
         self.scorer = None
 
     # ---- layers on and off the device ----------------------------------------------------------
@@ -160,6 +164,7 @@ class StreamedGreedySearch(GreedySearch):
 
     def _candidate_hidden(self, m: int, action: LayerAction) -> list[torch.Tensor]:
         at = self._layer_candidate(m, action).hidden
+        self.counts.layer_forwards += m in self.whole  # a whole layer runs for its candidate
         return [at(i).to(self.storage) for i in range(len(self.kwargs))]
 
     # ---- sweep 1 -------------------------------------------------------------------------------
@@ -184,10 +189,8 @@ class StreamedGreedySearch(GreedySearch):
                     if j in wanted:
                         if i == 0:
                             self.stats[j] = RoutingMass.zeros(self.blocks[j].num_experts)
-                        out = self._capture(j, h, kw, None, i)
+                        out = self._capture_original(j, h, kw, i)
                         self.stats[j].update(self.blocks[j], self.x[j][i].to(self.device))
-                        if i == 0:
-                            self._check_residual_form(j, h, kw, out)
                     else:
                         out = self._layer(j, h, kw)
                     hidden[i] = out.to(self.storage)

@@ -198,6 +198,13 @@ class TransformersExperts(ExpertStore):
         ones = torch.ones((n, 1), dtype=x.dtype, device=x.device)
         return self.module(x, index, ones)
 
+    def grouped_forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # one call of the family's own experts implementation (grouped GEMM where configured), each
+        # row routed to its expert at weight 1: exact, and no per-expert Python loop
+        index = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts.to(x.device))
+        ones = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)
+        return self.module(x, index[:, None], ones)
+
 
 class ListExperts(ExpertStore):
     """Remote-code storage (DeepSeekMoE-16B style): a ModuleList of MLPs with gate/up/down_proj."""
@@ -230,6 +237,9 @@ class MoEBlock:
     returns_tuple: bool = False  # gpt-oss, Llama-4: the block returns (output, router scores)
 
     supports_novices = True  # False where the block gives experts weight·x (Llama-4): no slot for a constant
+    # router rows after the E routed experts' rows that score something else (Inkling's shared experts,
+    # LongCat-Flash's identity experts): a pruned router must keep them, after the kept experts' rows
+    extra_router_rows = 0
 
     def wrap_output(self, out: torch.Tensor):
         """`out` in the form the decoder layer expects from this block."""

@@ -50,6 +50,8 @@ class Family:
     - `router_bias` / `correction_bias`: attributes of the router module, when it has them;
     - `routing`: builds the `Routing` from the router module and the text config;
     - `layers`: dotted path of the decoder layers from the top model (VLM wrappers differ);
+    - `norm`: dotted path of what runs between the last decoder layer and the LM head, or several
+      applied in order (hyper-connection families collapse their streams before the norm);
     - `tiny`: overrides on top of moepress.testing's generic tiny config (or a function editing it).
     """
 
@@ -65,7 +67,7 @@ class Family:
     router_bias: str | None = None
     correction_bias: str | None = None
     layers: str = "model.layers"
-    norm: str = "model.norm"
+    norm: str | tuple[str, ...] = "model.norm"
     block_cls: type[MoEBlock] = MoEBlock
     store: Callable[[nn.Module], ExpertStore] = TransformersExperts
     tiny: dict[str, Any] | Callable[[Any], None] = field(default_factory=dict)
@@ -86,7 +88,9 @@ class DeclaredAdapter(Adapter):
         return model.get_submodule(self.spec.layers)
 
     def final_norm(self, model: nn.Module) -> nn.Module:
-        return model.get_submodule(self.spec.norm)
+        if isinstance(self.spec.norm, str):
+            return model.get_submodule(self.spec.norm)
+        return nn.Sequential(*(model.get_submodule(name) for name in self.spec.norm))
 
     def _mlp(self, layer: nn.Module) -> nn.Module | None:
         for name in self.spec.mlp:

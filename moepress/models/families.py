@@ -49,26 +49,19 @@ def is_transformers_moe(model_type: str) -> bool:
 
 # MoE model types of transformers that moepress has no adapter for yet, with the reason (shown to users).
 NO_ADAPTER_YET: dict[str, str] = {
-    "dbrx": "DBRX stores experts as [E·I, H] matrices sized by a sub-config (ffn_config), which pruning "
-    "cannot yet rebuild",
-    "jetmoe": "JetMoE's router is not built from a config, its experts are two modules, and its expert "
-    "count also sizes the attention experts",
-    "longcat_flash": "LongCat-Flash's zero-computation (identity) experts share the router with the real "
-    "ones; pruning must keep them apart",
+    "jetmoe": "JetMoE's MoE block runs its router and two parallel-expert modules (built from sizes, not a "
+    "config) on per-expert token counts, so a pruned block has no place for novice slots and a condensed "
+    "one would lose its output bias; its expert count also sizes the attention experts",
+    "longcat_flash": "LongCat-Flash routes tokens to zero-computation identity experts (ids past the "
+    "routed experts), which calibration statistics have no slot for yet",
     "deepseek_v4": "DeepSeek-V4's hash-routed layers pick experts by token id, which the expert view "
     "cannot see; pruning them needs the hash table renumbered",
     "gemma4": "Gemma 4's router and experts are direct children of the decoder layer, mixed into its "
     "forward next to the dense MLP, not one replaceable block",
     "gemma4_text": "Gemma 4's router and experts are direct children of the decoder layer, mixed into its "
     "forward next to the dense MLP, not one replaceable block",
-    "axk1": "A.X K1's MoE block applies its own post-MLP norm to routed + shared output, which a "
-    "condensed block would lose",
     "inkling_text": "Inkling's router scores the shared experts too (E + shared rows) and scales them "
     "per token, so its shared output depends on routing",
-    "dots3_note": "dots3's config is heterogeneous per layer (per_layer_config), which the adapter and "
-    "surgery do not read yet",
-    "dots3_note_text": "dots3's config is heterogeneous per layer (per_layer_config), which the adapter "
-    "and surgery do not read yet",
     "zaya": "ZAYA's router is an MLP that takes state carried from the previous layer and has an extra "
     "skip-expert row",
 }
@@ -128,3 +121,17 @@ def families_table() -> list[dict[str, str]]:
             "condensed to": "dense MLP" if block.condenses_to_dense else "experts class",
         })
     return sorted(rows, key=lambda r: r["family"])
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row[h] for h in head) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def families_markdown() -> str:
+    """The README's families section: the table of supported families, then those without an adapter."""
+    missing = "; ".join(f"`{t}` ({reason})" for t, reason in sorted(NO_ADAPTER_YET.items()))
+    text = markdown_table(families_table())
+    return text + (f"\n\nNo adapter yet (the error names the reason): {missing}." if missing else "")

@@ -21,5 +21,6 @@ declare(Family(
     num_experts_key="n_routed_experts",
     shared="shared_experts",
     correction_bias="e_score_correction_bias",
+    norm=("model.hc_head", "model.norm"),  # the 4 streams collapse, then the final norm
     tiny=moe_tiny(index_topk=4, index_head_dim=8, index_n_heads=2, indexer_types=["full"] * 3),
 ))

@@ -84,6 +84,7 @@ declare(Family(
     routing=qwen_routing,
     shared="shared_expert",
     shared_gate="shared_expert_gate",
+    norm=("model.hyper_connection_mixer",),  # mixes the streams (a normed, gated mean): no final norm
     tiny=_hybrid(["linear_attention", "indexed_attention", "linear_attention"]),
 ))
 

@@ -49,7 +49,8 @@ class NoviceExperts(nn.Module):
 
     Novice slots reach `kept` as the expert-parallel sentinel id `kept.num_experts` with weight 0,
     which every transformers experts implementation skips (that is what `_is_expert_parallel`
-    switches on; eager skips it always), so a novice costs no expert GEMM. The slot maps are plain
+    switches on; eager skips it always), so a novice costs no expert GEMM. An experts class outside
+    those implementations (DBRX's) may not skip it: there novices go to expert 0 at weight 0. The slot maps are plain
     Python lists turned into index tensors per device on first use, not buffers: transformers
     leaves non-persistent buffers of unknown modules uninitialised when it loads on the meta device.
     """
@@ -57,6 +58,9 @@ class NoviceExperts(nn.Module):
     def __init__(self, kept: nn.Module, novice_slots: list[int], hidden_size: int):
         super().__init__()
         self.kept = kept
+        # classes of transformers' `use_experts_implementation` skip the sentinel id; another class
+        # (DBRX's) gets the novice slots sent to its expert 0 at weight 0 instead
+        self.sentinel = kept.num_experts if hasattr(kept, "has_gate") else 0
         kept._is_expert_parallel = True
         n_slots = kept.num_experts + len(novice_slots)
         novice = set(novice_slots)
@@ -85,9 +89,8 @@ class NoviceExperts(nn.Module):
         novice = is_novice[top_k_index]  # [N, k]
         index = local[top_k_index]
         if self.kept.num_experts:
-            sentinel = self.kept.num_experts
             out = self.kept(
-                hidden_states, index.masked_fill(novice, sentinel), top_k_weights.masked_fill(novice, 0)
+                hidden_states, index.masked_fill(novice, self.sentinel), top_k_weights.masked_fill(novice, 0)
             )
         else:  # every slot is a novice; grouped GEMM cannot take zero experts
             out = torch.zeros_like(hidden_states)
@@ -95,7 +98,8 @@ class NoviceExperts(nn.Module):
         novice_weight = torch.zeros(
             top_k_index.shape[0], self.novices.shape[0], dtype=torch.float32, device=out.device
         ).scatter_add_(1, index.masked_fill(~novice, 0), top_k_weights.float().masked_fill(~novice, 0))
-        return out + (novice_weight @ self.novices.float()).to(out.dtype)
+        # `out` in the kept experts' own output shape (DBRX's experts return [B, S, H] or [N, 1, H])
+        return out + (novice_weight @ self.novices.float()).to(out.dtype).reshape(out.shape)
 
 
 class ConstantExpert(nn.Module):
@@ -108,6 +112,20 @@ class ConstantExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vector.to(x.dtype).expand(*x.shape[:-1], -1)
+
+
+def _add_post_norm(module: nn.Module, norm: nn.Module | None, name: str | None) -> str | None:
+    """Register the block's own output norm (A.X-K1's `post_mlp_layernorm`: the block returns
+    norm(routed + shared)) on a condensed block under the block's name for it, so its weights keep
+    their checkpoint names; returns that name (None: no norm)."""
+    if norm is None:
+        return None
+    module.add_module(name, norm)
+    return name
+
+
+def _post_norm(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    return out if module.post_norm_name is None else getattr(module, module.post_norm_name)(out)
 
 
 class CondensedMLP(nn.Module):
@@ -131,6 +149,8 @@ class CondensedMLP(nn.Module):
         hidden_act: str,
         shared_gate: bool,
         gated: bool = True,
+        post_norm: nn.Module | None = None,
+        post_norm_name: str | None = None,
     ):
         super().__init__()
         rows = shared_rows + routed_rows
@@ -141,6 +161,7 @@ class CondensedMLP(nn.Module):
         self.down_proj = nn.Linear(rows, hidden_size, bias=False)
         self.shared_gate = nn.Linear(hidden_size, 1, bias=False) if shared_gate else None
         self.act_fn = ACT2FN[hidden_act]
+        self.post_norm_name = _add_post_norm(self, post_norm, post_norm_name)
 
     returns_tuple = False  # set per layer from the structure (gpt-oss and Llama-4 blocks return a pair)
 
@@ -152,7 +173,7 @@ class CondensedMLP(nn.Module):
         if self.shared_gate is not None:
             gate = torch.sigmoid(self.shared_gate(x))
             h = torch.cat([h[..., : self.shared_rows] * gate, h[..., self.shared_rows :]], dim=-1)
-        out = self.down_proj(h)
+        out = _post_norm(self, self.down_proj(h))
         return (out, None) if self.returns_tuple else out
 
 
@@ -163,12 +184,21 @@ class CondensedExperts(nn.Module):
     gate as the family had them. Output = shared(x) + Σ_i weights[i]·expert_i(x), as `CondensedMLP`.
     """
 
-    def __init__(self, experts: nn.Module, n_experts: int, shared: nn.Module | None, shared_gate: nn.Module | None):
+    def __init__(
+        self,
+        experts: nn.Module,
+        n_experts: int,
+        shared: nn.Module | None,
+        shared_gate: nn.Module | None,
+        post_norm: nn.Module | None = None,
+        post_norm_name: str | None = None,
+    ):
         super().__init__()
         self.experts = experts
         self.weights = nn.Parameter(torch.empty(n_experts))
         self.shared = shared
         self.shared_gate = shared_gate
+        self.post_norm_name = _add_post_norm(self, post_norm, post_norm_name)
 
     returns_tuple = False
 
@@ -178,7 +208,7 @@ class CondensedExperts(nn.Module):
         n, k = flat.shape[0], self.weights.shape[0]
         if k:
             index = torch.arange(k, device=flat.device).expand(n, k)
-            out = self.experts(flat, index, self.weights.to(flat.dtype).expand(n, k))
+            out = self.experts(flat, index, self.weights.to(flat.dtype).expand(n, k)).reshape(flat.shape)
         else:
             out = torch.zeros_like(flat)
         if self.shared is not None:
@@ -186,7 +216,7 @@ class CondensedExperts(nn.Module):
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(flat)) * shared
             out = out + shared
-        out = out.reshape(shape)
+        out = _post_norm(self, out.reshape(shape))
         return (out, None) if self.returns_tuple else out
 
 
@@ -200,12 +230,36 @@ class DroppedMLP(nn.Module):
         return (out, None) if self.returns_tuple else out
 
 
+def set_num_experts(config, key: str, n: int) -> None:
+    """Set the routed-expert count `key` of `config` to n; a dotted key names a field of a sub-config
+    (DBRX: `ffn_config.moe_num_experts`)."""
+    *owners, leaf = key.split(".")
+    for name in owners:
+        config = getattr(config, name)
+    setattr(config, leaf, n)
+
+
 def with_num_experts(config, key: str, n: int):
     """A copy of `config` whose routed-expert count (`key`) is `n`, to build a family's own
     router or experts class at the pruned size."""
     cfg = copy.deepcopy(config)
-    setattr(cfg, key, n)
+    set_num_experts(cfg, key, n)
     return cfg
+
+
+def sized_config(config, key: str, n: int):
+    """The config a family's router and experts are built from, at n experts: the object that holds
+    the count (`config` itself, or the sub-config a dotted key names)."""
+    cfg = with_num_experts(config, key, n)
+    for name in key.split(".")[:-1]:
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def _block_post_norm(mlp: nn.Module, structure: dict) -> tuple[nn.Module | None, str | None]:
+    """The block's own output norm (the module, reused as it is, and its name), if it has one."""
+    name = structure.get("post_norm")
+    return (None, None) if name is None else (mlp.get_submodule(name), name)
 
 
 def build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[str, nn.Module]:
@@ -232,13 +286,14 @@ def _build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[
     if action == "condense" and spec.get("form") == "experts":
         mlp = layer.get_submodule(mlp_path)
         old = mlp.get_submodule(structure["experts"])
-        sized = with_num_experts(getattr(old, "config", config), structure["num_experts_key"], spec["experts"])
+        sized = sized_config(getattr(old, "config", config), structure["num_experts_key"], spec["experts"])
         experts = type(old)(sized)
         if hasattr(old, "config"):
             experts.config = old.config
         shared = mlp.get_submodule(structure["shared"]) if spec["shared"] else None
         shared_gate = mlp.get_submodule(structure["shared_gate"]) if spec["shared_gate"] else None
-        return {mlp_path: CondensedExperts(experts, spec["experts"], shared, shared_gate)}
+        post_norm = _block_post_norm(mlp, structure)
+        return {mlp_path: CondensedExperts(experts, spec["experts"], shared, shared_gate, *post_norm)}
     if action == "condense":
         module = CondensedMLP(
             config.hidden_size,
@@ -247,6 +302,7 @@ def _build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[
             spec["hidden_act"],
             spec["shared_gate"],
             spec.get("gated", True),
+            *_block_post_norm(layer.get_submodule(mlp_path), structure),
         )
         return {mlp_path: module}
     if action != "prune":
@@ -256,7 +312,7 @@ def _build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[
     novice_slots = [s for s, e in enumerate(active) if e in novices]
     n_kept = len(active) - len(novice_slots)
     key = structure["num_experts_key"]
-    router = type(mlp.get_submodule(structure["router"]))(with_num_experts(config, key, len(active)))
+    router = type(mlp.get_submodule(structure["router"]))(sized_config(config, key, len(active)))
     old = mlp.get_submodule(structure["experts"])
     if isinstance(old, nn.ModuleList):
         reused = iter(list(old)[:n_kept])
@@ -267,7 +323,7 @@ def _build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[
             ]
         )
     else:
-        experts = type(old)(with_num_experts(config, key, n_kept))
+        experts = type(old)(sized_config(config, key, n_kept))
         if hasattr(old, "config"):
             # share the model's config so model.set_experts_implementation(...) still reaches it
             experts.config = old.config

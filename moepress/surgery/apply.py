@@ -44,7 +44,7 @@ from torch import nn
 from moepress.errors import MoepressError
 from moepress.io.sizes import size_by_component
 from moepress.models import Adapter, MoEBlock, get_adapter
-from moepress.modules.compressed import STRUCTURE_VERSION, build_layer, set_block_tensors
+from moepress.modules.compressed import STRUCTURE_VERSION, build_layer, set_block_tensors, set_num_experts
 from moepress.plan import CompressionPlan, Condense, Drop, Keep, LayerAction, Prune, model_fingerprint
 from moepress.surgery.merge import write_merges
 
@@ -109,7 +109,7 @@ def finish_model(
     """Once every changed layer is rebuilt: the config says what the checkpoint holds (`uniform`: the
     routed-expert count when the result is expressible in the original architecture)."""
     if uniform is not None:
-        setattr(model.config.get_text_config(), adapter.num_experts_key, uniform)
+        set_num_experts(model.config.get_text_config(), adapter.num_experts_key, uniform)
     elif structure["layers"]:
         model.config.moepress_structure = structure
     model.moepress_source = record
@@ -185,6 +185,8 @@ def describe(
         structure.setdefault("experts", _path_of(block.module, block.experts.module))
         if block.returns_tuple:
             structure["returns_tuple"] = True
+        if getattr(block, "post_norm", None) is not None:  # the block normalises its own output (A.X-K1)
+            structure.setdefault("post_norm", _path_of(block.module, block.post_norm))
         if isinstance(action, Prune):
             spec = {
                 "action": "prune",
@@ -256,20 +258,39 @@ def activation_name(act_fn: nn.Module | None, config) -> str:
 def _condensed_experts_state(block: MoEBlock, action: Condense, structure: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A `CondensedExperts` layer's tensors: the chosen experts' slices of every per-expert tensor of
     the family's experts module, their fixed weights, and the shared experts and gate as they are."""
-    mlp, n_experts = structure["mlp"], block.num_experts
+    mlp = structure["mlp"]
     experts = block.experts.module
     chosen = torch.tensor(action.experts, dtype=torch.long, device=next(experts.parameters()).device)
-    state = {
-        f"{mlp}.experts.{k}": t.index_select(0, chosen) if t.ndim and t.shape[0] == n_experts else t
-        for k, t in experts.state_dict().items()
-    }
+    state = {f"{mlp}.experts.{k}": t for k, t in _kept_experts_state(block, action.experts).items()}
     dtype = next(experts.parameters()).dtype
     state[f"{mlp}.weights"] = torch.tensor(action.weights, dtype=dtype, device=chosen.device)
     if action.keep_shared and block.shared is not None:
         state.update({f"{mlp}.shared.{k}": t for k, t in block.shared.state_dict().items()})
         if block.shared_gate is not None:
             state.update({f"{mlp}.shared_gate.{k}": t for k, t in block.shared_gate.state_dict().items()})
-    return state
+    return state | _post_norm_state(block, structure)
+
+
+def _post_norm_state(block: MoEBlock, structure: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of the block's own output norm, which a condensed block keeps (none without one)."""
+    name = structure.get("post_norm")
+    if name is None:
+        return {}
+    return {f"{structure['mlp']}.{name}.{k}": t for k, t in block.module.get_submodule(name).state_dict().items()}
+
+
+def _kept_experts_state(block: MoEBlock, kept: list[int]) -> dict[str, torch.Tensor]:
+    """The experts module's tensors with only experts `kept` (in that order): the store's own
+    `kept_state` where its layout is not one expert per leading index (DBRX's [E·I, H] matrices),
+    else every tensor whose first dimension is the expert count, sliced."""
+    if hasattr(block.experts, "kept_state"):
+        return block.experts.kept_state(kept)
+    module, n_experts = block.experts.module, block.num_experts
+    index = torch.tensor(kept, dtype=torch.long, device=next(module.parameters()).device)
+    return {
+        k: t.index_select(0, index) if t.ndim and t.shape[0] == n_experts else t
+        for k, t in module.state_dict().items()
+    }
 
 
 def _path_of(root: nn.Module, target: nn.Module) -> str:
@@ -334,7 +355,7 @@ def _layer_state(
             state[f"{mlp}.gate_proj.weight"] = torch.cat(gates)
         if keep_shared and block.shared_gate is not None:
             state[f"{mlp}.shared_gate.weight"] = block.shared_gate.weight
-        return state
+        return state | _post_norm_state(block, structure)
 
     write_merges(block.experts, action.merges, alignments or {}, block.layer_idx)
     n_experts = block.num_experts
@@ -342,9 +363,12 @@ def _layer_state(
     router = f"{mlp}.{structure['router']}"
     experts = f"{mlp}.{structure['experts']}"
     state = {}
+    extra = block.extra_router_rows  # LongCat-Flash's identity experts: rows kept after the kept experts'
     for k, t in block.router.state_dict().items():
         index = torch.tensor(active, dtype=torch.long, device=t.device)
-        if t.ndim and t.shape[0] == n_experts:
+        if t.ndim and extra and t.shape[0] == n_experts + extra:
+            t = t.index_select(0, torch.cat([index, torch.arange(n_experts, t.shape[0], device=t.device)]))
+        elif t.ndim and t.shape[0] == n_experts:
             t = t.index_select(0, index)
         elif t.ndim > 1 and t.shape[-1] == n_experts:  # ERNIE-4.5 keeps its choice bias as [1, E]
             t = t.index_select(-1, index)
@@ -357,10 +381,8 @@ def _layer_state(
             else:
                 state.update({f"{experts}.{slot}.{k}": t for k, t in module[e].state_dict().items()})
         return state
-    kept = torch.tensor(action.keep_experts, dtype=torch.long, device=device)
     prefix = f"{experts}.kept" if action.novices else experts
-    for k, t in module.state_dict().items():
-        state[f"{prefix}.{k}"] = t.index_select(0, kept) if t.ndim and t.shape[0] == n_experts else t
+    state.update({f"{prefix}.{k}": t for k, t in _kept_experts_state(block, action.keep_experts).items()})
     if action.novices:
         state[f"{experts}.novices"] = torch.stack([novices[e] for e in action.novices]).to(
             device=device, dtype=dtype
