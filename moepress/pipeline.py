@@ -106,6 +106,16 @@ def stats_cache_dir(model, data_fingerprint: str, n: int, seq_len: int) -> Path:
     return root / "stats" / key[:20]
 
 
+def _stats_fit(model, stats: CalibrationStats) -> bool:
+    """Whether cached statistics have one layer per MoE layer of `model` with its expert count and top-k."""
+    from moepress.models import get_adapter
+
+    blocks = get_adapter(model).blocks(model)
+    return set(stats.layers) == set(blocks) and all(
+        (stats[i].num_experts, stats[i].top_k) == (b.num_experts, b.top_k) for i, b in blocks.items()
+    )
+
+
 def cached_calibration(model, tokenizer, data: str, n: int, seq_len: int, seed: int, batch_size: int,
                        device, keep_moe_inputs: int = 0, batch=None,
                        stream=None) -> tuple[CalibrationStats, dict, object]:
@@ -120,8 +130,9 @@ def cached_calibration(model, tokenizer, data: str, n: int, seq_len: int, seed: 
     inputs_file = cache / "moe_inputs.pt"
     if (cache / "stats.json").is_file() and (not keep_moe_inputs or inputs_file.is_file()):
         stats = CalibrationStats.load(cache)
-        moe_inputs = torch.load(inputs_file, weights_only=True) if keep_moe_inputs else {}
-        return stats, moe_inputs, batch
+        if _stats_fit(model, stats):  # else made by another moepress (say, counting other expert ids): redo
+            moe_inputs = torch.load(inputs_file, weights_only=True) if keep_moe_inputs else {}
+            return stats, moe_inputs, batch
     meta = {"model_fingerprint": model_fingerprint(model), "data": str(data),
             "data_fingerprint": batch.fingerprint, "seed": seed}
     result = calibrate(model, batch.input_ids, batch_size=batch_size, keep_moe_inputs=keep_moe_inputs,

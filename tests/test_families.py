@@ -96,7 +96,8 @@ METHOD_RUNS = (
 )
 
 
-NO_NOVICES = ("llama4_text",)  # the block weights the experts' input: a novice cannot stand in
+NO_NOVICES = ("llama4_text", "longcat_flash")  # llama4: the block weights the experts' input, so a novice
+# cannot stand in; longcat_flash: a pruned router's identity-expert slots follow the kept ones
 
 
 # one family per kind of block the methods meet (a shared gate, a tuple-returning block with biased

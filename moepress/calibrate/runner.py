@@ -7,10 +7,10 @@ stops the forward. Then each layer in turn is moved to the compute device, run o
 batch, and its outputs become the next layer's inputs. Statistics are collected where the MoE MLP
 runs: by default its forward is swapped, for the layer's run, for the adapter's view of the block
 (`MoEBlock`) computing every routed expert output once, for the statistics and the block's output
-alike (checked on the first batch against the model's own block; a family it does not reproduce
-keeps its own forward). `stats_path="hooked"` instead collects them in a pre-hook and lets the
-model's own block run (every expert output computed twice), and `"per_expert"` is the original
-one-expert-at-a-time loop, kept as the reference.
+alike (checked on the first batch against the model's own block; a family it does not reproduce,
+or whose fused path raises, keeps its own forward). `stats_path="hooked"` instead collects them in a
+pre-hook and lets the model's own block run (every expert output computed twice), and
+`"per_expert"` is the original one-expert-at-a-time loop, kept as the reference.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from moepress.calibrate.stats import CalibrationStats, LayerStats, route_experts
+from moepress.calibrate.stats import CalibrationStats, LayerStats, SortedRoutes, route_experts
 from moepress.models import get_adapter
-from moepress.models.base import Adapter, MoEBlock
+from moepress.models.base import Adapter, MoEBlock, RouteResult
 from moepress.progress import progress
 
 
@@ -48,8 +48,12 @@ class _Catcher(nn.Module):
             return getattr(self._modules["layer"], name)
 
     def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise RuntimeError("decoder layers are expected to take keyword arguments after hidden_states")
+        if args:  # positional arguments after hidden_states (Inkling-2): named by the layer's signature
+            import inspect
+
+            bound = inspect.signature(self.layer.forward).bind(hidden_states, *args, **kwargs)
+            names = list(bound.arguments)
+            kwargs = {**dict(zip(names[1:1 + len(args)], args, strict=True)), **kwargs}
         self.record = (hidden_states, kwargs)
         raise _Stop
 
@@ -133,27 +137,36 @@ def run_layer(
 StatsPath = Literal["fused", "hooked", "per_expert"]
 
 
+def _fused_forward(block: MoEBlock, hidden_states: torch.Tensor) -> tuple[torch.Tensor, RouteResult, SortedRoutes]:
+    """The MoE block's output from one grouped run of its routed experts, with the routing and the
+    sorted expert outputs the statistics are made from; touches no statistics. Slots routed to
+    extra router rows (ids >= E, e.g. identity experts) count in the output only."""
+    x = hidden_states.reshape(-1, block.hidden_size)
+    route = block.route(x)
+    routes = route_experts(block, x, route)
+    out = routes.combine(x.shape[0], x.dtype)
+    shared = block.shared_out(hidden_states)
+    out = out.view(hidden_states.shape)
+    return (out if shared is None else out + shared), route, routes
+
+
 def forward_collecting(block: MoEBlock, stats: LayerStats, hidden_states: torch.Tensor) -> torch.Tensor:
     """The MoE block's output for `hidden_states`, adding the batch to `stats` on the way: the routed
     experts run once (grouped), their outputs feed both. Replaces the block's forward while its
     layer calibrates; equals the model's own block up to float rounding (bit-equal where the
     family's block is the same op sequence, as for transformers' `grouped_mm` experts path)."""
-    x = hidden_states.reshape(-1, block.hidden_size)
-    route = block.route(x)
-    routes = route_experts(block, x, route)
+    out, route, routes = _fused_forward(block, hidden_states)
     stats.add_routes(route, routes)
-    out = routes.combine(x.shape[0], x.dtype)
-    shared = block.shared_out(hidden_states)
-    out = out.view(hidden_states.shape)
-    return out if shared is None else out + shared
+    return out
 
 
 def _fused_reproduces(block: MoEBlock, hidden_states: torch.Tensor, tokens: int = 64) -> bool:
     """Whether `forward_collecting` gives what the model's own block gives, on a few tokens.
 
     A family whose block combines experts otherwise than Σ weight · expert(x) (its MoEBlock
-    overrides `routed_out` or `forward`), returns more than a tensor, or differs beyond rounding,
-    is calibrated with its own forward instead (`stats_path="hooked"`), never with a wrong one."""
+    overrides `routed_out` or `forward`), returns more than a tensor, differs beyond rounding, or
+    whose fused path raises, is calibrated with its own forward instead (`stats_path="hooked"`),
+    never with a wrong one."""
     if type(block).routed_out is not MoEBlock.routed_out or type(block).forward is not MoEBlock.forward:
         return False
     probe = hidden_states.reshape(-1, block.hidden_size)[:tokens].unsqueeze(0)
@@ -161,7 +174,12 @@ def _fused_reproduces(block: MoEBlock, hidden_states: torch.Tensor, tokens: int 
     if not isinstance(theirs, torch.Tensor) or theirs.shape != probe.shape:
         return False
     scratch = LayerStats(block.layer_idx, block.num_experts, block.hidden_size, block.top_k)
-    ours = forward_collecting(block, scratch, probe)
+    try:
+        ours = forward_collecting(block, scratch, probe)
+    except Exception:  # noqa: BLE001 - any failure of the fused path means: use the family's own forward
+        return False
+    if ours.shape != theirs.shape:
+        return False
     tol = 1e-4 if probe.dtype in (torch.float32, torch.float64) else 2e-2
     return bool(((ours - theirs).abs().max() <= tol * theirs.abs().max().clamp(min=1e-6)).item())
 
@@ -178,7 +196,13 @@ def _collect(block: MoEBlock, stats: LayerStats, stats_path: StatsPath, seen: li
             if not fused:
                 fused.append(not args and not kwargs and _fused_reproduces(block, hidden_states))
             if fused[0]:
-                return forward_collecting(block, stats, hidden_states)
+                try:
+                    out, route, routes = _fused_forward(block, hidden_states)
+                except Exception:  # noqa: BLE001 - nothing was added yet: fall back for this batch and on
+                    fused[0] = False
+                else:
+                    stats.add_routes(route, routes)
+                    return out
             stats.update(block, hidden_states)
             return own_forward(hidden_states, *args, **kwargs)
 

@@ -5,7 +5,14 @@ in any order with the same result (up to float rounding). A batch is gathered on
 expert-contiguous order and every routed expert runs as one grouped GEMM (`ExpertStore.
 grouped_forward`); its outputs feed all statistics through segment sums over the sorted rows and
 one vectorised Chan merge, and can also give the block's routed output (`SortedRoutes.combine`),
-so calibration computes each expert output once. Saved as one safetensors file of tensors
+so calibration computes each expert output once.
+
+Only the block's real experts (ids < `block.num_experts`) have statistics. A route slot naming an
+id past them (a router's `extra_router_rows`, e.g. LongCat-Flash's zero-computation identity
+experts) is not an expert that can be pruned, merged or scored: it adds nothing to `count`,
+`weight_sum`, the output moments or the logit sums (whose extra columns are dropped), so the real
+experts' frequencies sum to the share of slots they received (below 1 where extras were picked).
+Its output still counts in the block's output (`SortedRoutes.combine`). Saved as one safetensors file of tensors
 (`stats.safetensors`, keys `layers.{i}.{field}`) plus a JSON summary (`stats.json`); reloadable
 without the model.
 """
@@ -30,31 +37,68 @@ _TENSOR_FIELDS = (
 
 @dataclass
 class SortedRoutes:
-    """One batch's routed (token, slot) pairs in expert-contiguous order, with their expert outputs."""
+    """One batch's routed (token, slot) pairs in expert-contiguous order, with their expert outputs.
 
-    order: torch.Tensor  # [N·k] flat slot (token·k + slot) of each sorted pair
-    counts: torch.Tensor  # [E] pairs per expert (int64)
-    weights: torch.Tensor  # [N·k] gate weight of each sorted pair
-    outputs: torch.Tensor  # [N·k, H] unweighted expert output of each sorted pair
+    `order`/`weights`/`outputs` hold the pairs routed to real experts only (ids < E), which the
+    statistics read; pairs routed to extra router rows (ids >= E) are kept apart in `extra_*`, for
+    the block's output alone."""
+
+    order: torch.Tensor  # [S] flat slot (token·k + slot) of each sorted pair routed to a real expert
+    counts: torch.Tensor  # [E] pairs per real expert (int64)
+    weights: torch.Tensor  # [S] gate weight of each sorted pair
+    outputs: torch.Tensor  # [S, H] unweighted expert output of each sorted pair
+    # pairs routed to ids >= E (none for most families): flat slots, gate weights, unweighted outputs
+    extra_order: torch.Tensor | None = None
+    extra_weights: torch.Tensor | None = None
+    extra_outputs: torch.Tensor | None = None
 
     def combine(self, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
         """Σ_k weight · output per token [N, H]: the block's routed output. Same ops in the same
         order as transformers' `grouped_mm` experts path, so the same kernels give the same bits."""
         weighted = self.outputs * self.weights[:, None]
-        per_slot = torch.empty_like(weighted)
+        if self.extra_order is None:
+            per_slot = torch.empty_like(weighted)
+        else:
+            per_slot = weighted.new_empty(self.order.shape[0] + self.extra_order.shape[0], weighted.shape[-1])
+            per_slot[self.extra_order] = (self.extra_outputs * self.extra_weights[:, None]).to(weighted.dtype)
         per_slot[self.order] = weighted
         return per_slot.view(num_tokens, -1, weighted.shape[-1]).sum(dim=1).to(dtype)
 
 
 def route_experts(block: MoEBlock, x: torch.Tensor, route: RouteResult) -> SortedRoutes:
     """Sort the routed pairs by expert (one stable sort), gather their tokens once and run every
-    expert on its rows in one grouped call; no host sync on the fused-storage path."""
+    expert on its rows in one grouped call; no host sync on the fused-storage path.
+
+    A block with `extra_router_rows` may route to ids >= E: those pairs sort last, are split off
+    (one host sync, for such blocks only) and run through `block.expert` id by id (an identity
+    expert costs a copy); they get no statistics (see the module docstring)."""
     top_k = route.index.shape[1]
     expert, order = torch.sort(route.index.reshape(-1), stable=True)
-    bounds = torch.arange(block.num_experts + 1, device=expert.device, dtype=expert.dtype)
+    n = block.num_experts
+    weights = route.weights.reshape(-1)[order]
+    extra = int(getattr(block, "extra_router_rows", 0) or 0)
+    bounds = torch.arange(n + extra + 1, device=expert.device, dtype=expert.dtype)
     counts = torch.searchsorted(expert, bounds).diff()
-    outputs = block.experts.grouped_forward(x[order // top_k], counts)
-    return SortedRoutes(order=order, counts=counts, weights=route.weights.reshape(-1)[order], outputs=outputs)
+    if not extra:
+        outputs = block.experts.grouped_forward(x[order // top_k], counts)
+        return SortedRoutes(order=order, counts=counts, weights=weights, outputs=outputs)
+    extra_counts = counts[n:].tolist()
+    counts = counts[:n]
+    real = expert.shape[0] - sum(extra_counts)
+    if expert.numel() and int(expert[-1]) >= n + extra:
+        raise MoepressError(f"layer {block.layer_idx}: routed to expert {int(expert[-1])}, past its "
+                            f"{n} experts and {extra} extra router rows")
+    tokens = order // top_k
+    outputs = block.experts.grouped_forward(x[tokens[:real]], counts)
+    extra_x = x[tokens[real:]]
+    extra_outputs = torch.empty_like(extra_x)
+    start = 0
+    for i, c in enumerate(extra_counts):
+        if c:
+            extra_outputs[start : start + c] = block.expert(extra_x[start : start + c], n + i)
+        start += c
+    return SortedRoutes(order=order[:real], counts=counts, weights=weights[:real], outputs=outputs,
+                        extra_order=order[real:], extra_weights=weights[real:], extra_outputs=extra_outputs)
 
 
 def _segment_sum(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -65,6 +109,8 @@ def _segment_sum(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 @dataclass
 class LayerStats:
     """Statistics of one MoE layer's routed experts over the calibration tokens.
+
+    Only the real experts 0..E-1 are counted: slots routed to extra router rows (ids >= E) are not.
 
     - count[e]: routed token slots that picked e;
     - weight_sum[e]: Σ of the gate weight e received (post top-k, as the family applies it);
@@ -110,7 +156,7 @@ class LayerStats:
         # bottleneck of GPU calibration (and serialised ranks sharing one host); `to_` moves back
         self.to_(routes.outputs.device)
         self.tokens += route.index.shape[0]
-        logits = route.logits.double()
+        logits = route.logits[:, : self.num_experts].double()  # extra router rows have no statistics
         self.logit_sum += logits.sum(0)
         self.logit_sqsum += (logits * logits).sum(0)
         counts = routes.counts
@@ -136,10 +182,12 @@ class LayerStats:
         route = route or block.route(x)
         self.to_(x.device)
         self.tokens += x.shape[0]
-        logits = route.logits.double()
+        logits = route.logits[:, : self.num_experts].double()  # extra router rows have no statistics
         self.logit_sum += logits.sum(0)
         self.logit_sqsum += (logits * logits).sum(0)
         for e in route.index.unique().tolist():
+            if e >= self.num_experts:
+                continue  # an extra router row (e.g. an identity expert): not an expert with statistics
             token_idx, slot = torch.where(route.index == e)
             y = block.expert(x[token_idx], e).double()
             w = route.weights[token_idx, slot].double()
@@ -191,7 +239,8 @@ class LayerStats:
     # ---- derived quantities --------------------------------------------------------------------
     @property
     def frequency(self) -> torch.Tensor:
-        """Share of routed token slots that pick each expert (sums to 1 over the layer)."""
+        """Share of routed token slots that pick each expert (sums to 1 over the layer, less the share
+        routed to extra router rows where the block has them)."""
         return self.count / max(self.tokens * self.top_k, 1)
 
     @property

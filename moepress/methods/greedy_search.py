@@ -92,7 +92,8 @@ class RoutingMass:
     """Per routed expert: Σ of the post-top-k gate weight it received, and on how many tokens.
 
     The same sums as `LayerStats.weight_sum` / `count` / `tokens`, without the expert outputs the
-    full statistics also compute (the search needs only the weights).
+    full statistics also compute (the search needs only the weights). As there, slots routed to extra
+    router rows (ids >= E, e.g. LongCat-Flash's identity experts) are not experts and are not counted.
     """
 
     weight_sum: torch.Tensor  # [E] float64
@@ -107,7 +108,10 @@ class RoutingMass:
     def update(self, block: MoEBlock, x: torch.Tensor) -> None:
         route = block.route(x.reshape(-1, block.hidden_size))
         index = route.index.reshape(-1).cpu()
-        self.weight_sum.index_add_(0, index, route.weights.reshape(-1).double().cpu())
+        weights = route.weights.reshape(-1).double().cpu()
+        real = index < self.weight_sum.shape[0]  # extra router rows have no slot
+        index, weights = index[real], weights[real]
+        self.weight_sum.index_add_(0, index, weights)
         self.count.index_add_(0, index, torch.ones(index.shape, dtype=torch.float64))
         self.tokens += route.index.shape[0]
 

@@ -72,9 +72,10 @@ def mean_outputs(block: MoEBlock, x: torch.Tensor, gated: bool = False) -> torch
 
 @torch.no_grad()
 def router_logits(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
-    """[N, E] float64 router logits of tokens x."""
+    """[N, E] float64 router logits of tokens x, for the E real experts only (a router's extra rows,
+    e.g. LongCat-Flash's identity experts, are not experts to group)."""
     x = x.reshape(-1, block.hidden_size).to(block.router_weight.device)
-    return block.router_logits(x).double().cpu()
+    return block.router_logits(x)[:, : block.num_experts].double().cpu()
 
 
 def cosine_distance(features: torch.Tensor) -> torch.Tensor:

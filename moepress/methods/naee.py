@@ -55,10 +55,19 @@ class ReconstructionError:
         self.block = block
         self.num_tokens = x.shape[0]
         self.logits = block.router_logits(x)
+        # routes may name a router's extra rows (LongCat-Flash's identity experts, ids E..E+Z-1): their
+        # outputs (`block.expert`) join the Gram matrices; rows no expert answers for are never routed to
+        ids = list(range(block.num_experts))
+        for e in range(block.num_experts, block.num_experts + block.extra_router_rows):
+            try:
+                block.expert(x[:1], e)
+            except (MoepressError, IndexError):
+                break
+            ids.append(e)
         grams = []
         for start in range(0, self.num_tokens, token_chunk):  # bounds memory to chunk × E × H
             xc = x[start : start + token_chunk]
-            y = torch.stack([block.expert(xc, e) for e in range(block.num_experts)], dim=1).float()
+            y = torch.stack([block.expert(xc, e) for e in ids], dim=1).float()
             # float32 products suffice: where a subset keeps an expert's weight the two equal
             # entries cancel exactly in the float64 quadratic form below
             grams.append((y @ y.transpose(1, 2)).double())

@@ -119,7 +119,9 @@ def activation_matching(block: MoEBlock, x: torch.Tensor):
     @torch.no_grad()
     def permutation(centre: int, member: int) -> torch.Tensor:
         cost = torch.cdist(unit(neuron_features(block, centre)), unit(neuron_features(block, member)))
-        if act_fn is not None:  # a store that runs the family's own module may not name its activation
+        # activations only where act(gate)·up is the experts' computation: a store that runs the family's
+        # own module may not name its activation, and a custom gating (gpt-oss, Inkling-2) is not it
+        if act_fn is not None and getattr(block.experts, "is_plain_mlp", True):
             cost += torch.cdist(unit(activations(centre)), unit(activations(member)))
         return match_neurons(cost)
 

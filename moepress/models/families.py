@@ -52,8 +52,6 @@ NO_ADAPTER_YET: dict[str, str] = {
     "jetmoe": "JetMoE's MoE block runs its router and two parallel-expert modules (built from sizes, not a "
     "config) on per-expert token counts, so a pruned block has no place for novice slots and a condensed "
     "one would lose its output bias; its expert count also sizes the attention experts",
-    "longcat_flash": "LongCat-Flash routes tokens to zero-computation identity experts (ids past the "
-    "routed experts), which calibration statistics have no slot for yet",
     "deepseek_v4": "DeepSeek-V4's hash-routed layers pick experts by token id, which the expert view "
     "cannot see; pruning them needs the hash table renumbered",
     "gemma4": "Gemma 4's router and experts are direct children of the decoder layer, mixed into its "

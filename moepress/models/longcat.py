@@ -1,4 +1,4 @@
-"""LongCat-Flash (`longcat_flash`): block view and tiny config, NOT registered yet.
+"""LongCat-Flash (`longcat_flash`): block view, tiny config and registration.
 
 Quirks spelled out here:
 - Zero-computation experts: the router (`mlp.router.classifier`, logits in float32) scores
@@ -12,9 +12,11 @@ Quirks spelled out here:
 - Each decoder layer has two attention/dense-MLP sublayers (`mlps`) and one MoE block (`mlp`) on a
   shortcut; the dense MLPs are not experts.
 
-Why not registered: pruning must keep the router's trailing Z rows (classifier weight and
-correction bias) and the experts' trailing Z `gate_up_proj` rows after the kept experts' rows, which
-surgery (slicing tensors whose first dimension is E) cannot do yet.
+Pruning keeps the router's trailing Z rows (classifier weight, correction bias) and the experts'
+trailing Z `gate_up_proj` rows after the kept experts' (`extra_router_rows`, `kept_state`).
+Calibration statistics cover the E real experts only: slots routed to an identity expert count in
+the block's output but in no expert's statistics (`moepress.calibrate.stats`). Novices are refused:
+a pruned router's identity slots follow the kept ones, which `NoviceExperts` does not map.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from moepress.errors import MoepressError
-from moepress.models.base import ExpertStore, MoEBlock, Routing
-from moepress.models.declared import DeclaredAdapter, Family
+from moepress.models.base import ExpertStore, MoEBlock, Routing, register_adapter
+from moepress.models.declared import FAMILIES, DeclaredAdapter, Family
 
 
 class LongcatExperts(ExpertStore):
@@ -108,7 +110,7 @@ class LongcatAdapter(DeclaredAdapter):
 
 
 _TINY = dict(num_layers=3, ffn_hidden_size=64, expert_ffn_hidden_size=16, n_routed_experts=8, zero_expert_num=2,
-             moe_topk=2, num_key_value_heads=4, head_dim=8, qk_head_dim=16, routed_scaling_factor=2.0)
+             moe_topk=2, num_key_value_heads=4, head_dim=8, qk_head_dim=16)
 
 SPEC = Family(
     name="longcat_flash",
@@ -118,5 +120,5 @@ SPEC = Family(
     router="router",
     tiny=_TINY,
 )
-# not registered yet: calibration statistics have no slot for the identity experts' route ids (E..E+Z-1)
-# register with: FAMILIES[SPEC.name] = SPEC; register_adapter(LongcatAdapter(SPEC))
+FAMILIES[SPEC.name] = SPEC
+register_adapter(LongcatAdapter(SPEC))
