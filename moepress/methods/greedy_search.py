@@ -447,23 +447,19 @@ class GreedySearch:
             shared = block.shared_out(x.reshape(-1, hsize))
             base.append(mid if shared is None else mid + shared.reshape(mid.shape))
         sequences = sum(m.shape[0] for m in base)
-        order: list[int] = []
-        curve: list[float] = []
-        for _ in range(min(k, len(pool))):
-            remaining = [e for e in pool if e not in order]
-            values = []
-            for e in remaining:
-                total = 0.0
-                for i, ref in enumerate(refs):
-                    cand = base[i] + (weights[e] * expert_out(e, i)).reshape(base[i].shape)
-                    total += float(ref.js(post(cand)).mean(-1).double().sum())
-                values.append(total / sequences)
-            self.counts.metric_evals += len(remaining)
-            best = min(range(len(values)), key=lambda c: (values[c], c))
-            e = remaining[best]
-            order.append(e)
-            curve.append(values[best])
-            base = [b + (weights[e] * expert_out(e, i)).reshape(b.shape) for i, b in enumerate(base)]
+
+        def score(e: int) -> float:
+            total = 0.0
+            for i, ref in enumerate(refs):
+                cand = base[i] + (weights[e] * expert_out(e, i)).reshape(base[i].shape)
+                total += float(ref.js(post(cand)).mean(-1).double().sum())
+            return total / sequences
+
+        def add(e: int) -> None:
+            base[:] = [b + (weights[e] * expert_out(e, i)).reshape(b.shape) for i, b in enumerate(base)]
+
+        order, curve, evaluated = greedy_order(pool, k, score, add)
+        self.counts.metric_evals += evaluated
         return ExpertSearch(layer=layer, order=order, curve=curve, pool=list(pool))
 
     def _search_experts_local_whole(
@@ -493,24 +489,19 @@ class GreedySearch:
             out = routed[i] + weights[e] * expert_out(e, i)
             return out if shared[i] is None else out + shared[i]
 
-        order: list[int] = []
-        curve: list[float] = []
-        for _ in range(min(k, len(pool))):
-            remaining = [e for e in pool if e not in order]
-            values = []
-            for e in remaining:
-                total = 0.0
-                for i, ref in enumerate(refs):
-                    cand = self._run_whole(layer, i, lambda x, i=i, e=e: mlp(i, e).reshape(x.shape))
-                    total += float(ref.js(flat(cand)).mean(-1).double().sum())
-                values.append(total / sequences)
-            self.counts.layer_forwards += len(remaining)
-            self.counts.metric_evals += len(remaining)
-            best = min(range(len(values)), key=lambda c: (values[c], c))
-            e = remaining[best]
-            order.append(e)
-            curve.append(values[best])
-            routed = [r + weights[e] * expert_out(e, i) for i, r in enumerate(routed)]
+        def score(e: int) -> float:
+            total = 0.0
+            for i, ref in enumerate(refs):
+                cand = self._run_whole(layer, i, lambda x, i=i: mlp(i, e).reshape(x.shape))
+                total += float(ref.js(flat(cand)).mean(-1).double().sum())
+            return total / sequences
+
+        def add(e: int) -> None:
+            routed[:] = [r + weights[e] * expert_out(e, i) for i, r in enumerate(routed)]
+
+        order, curve, evaluated = greedy_order(pool, k, score, add)
+        self.counts.layer_forwards += evaluated
+        self.counts.metric_evals += evaluated
         return ExpertSearch(layer=layer, order=order, curve=curve, pool=list(pool))
 
     # ---- layer search --------------------------------------------------------------------------
@@ -582,3 +573,23 @@ def condense_action(experts: list[int], weights: torch.Tensor) -> Condense:
     """Condense with `experts` (in greedy order) at their fixed weights, keeping the shared experts."""
     weights = weights.detach()
     return Condense(experts=list(experts), weights=[float(weights[e]) for e in experts], keep_shared=True)
+
+
+def greedy_order(
+    pool: list[int], k: int, score: Callable[[int], float], add: Callable[[int], None]
+) -> tuple[list[int], list[float], int]:
+    """Greedy forward selection of up to k of `pool`: each step scores every remaining expert with
+    `score` (lower is better; ties to the earlier one), keeps the best and calls `add` on it.
+    Returns (order, the chosen scores, how many candidates were scored)."""
+    order: list[int] = []
+    curve: list[float] = []
+    evaluated = 0
+    for _ in range(min(k, len(pool))):
+        remaining = [e for e in pool if e not in order]
+        values = [score(e) for e in remaining]
+        evaluated += len(remaining)
+        best = min(range(len(values)), key=lambda c: (values[c], c))
+        order.append(remaining[best])
+        curve.append(values[best])
+        add(remaining[best])
+    return order, curve, evaluated

@@ -9,6 +9,7 @@ drop) without rebuilding the model.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -236,7 +237,12 @@ class MoEBlock:
     router_bias: torch.Tensor | None = None  # gpt-oss: logits = x W^T + b
     returns_tuple: bool = False  # gpt-oss, Llama-4: the block returns (output, router scores)
 
-    supports_novices = True  # False where the block gives experts weight·x (Llama-4): no slot for a constant
+    # why a novice (a constant output) cannot stand in for an expert of this block; empty: it can
+    novice_refusal = ""
+
+    @property
+    def supports_novices(self) -> bool:
+        return not self.novice_refusal
     # router rows after the E routed experts' rows that score something else (Inkling's shared experts,
     # LongCat-Flash's identity experts): a pruned router must keep them, after the kept experts' rows
     extra_router_rows = 0
@@ -284,6 +290,26 @@ class MoEBlock:
             return F.linear(x.float(), self.router_weight.float(), None if bias is None else bias.float())
         return F.linear(x, self.router_weight, bias).float()
 
+    def active_logits(
+        self, x: torch.Tensor, active: list[int] | None = None, logits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(logits, original ids, correction bias) over the `active` experts only (all when None): what a
+        router pruned to those rows sees; refuses fewer experts than top-k. Every `route` starts here."""
+        if logits is None:
+            logits = self.router_logits(x)
+        bias = self.correction_bias
+        ids = torch.arange(logits.shape[-1], device=logits.device)
+        if active is not None:
+            ids = torch.as_tensor(active, device=logits.device, dtype=torch.long)
+            logits = logits.index_select(-1, ids)
+            bias = None if bias is None else bias.index_select(0, ids)
+        if self.routing.top_k > logits.shape[-1]:
+            raise MoepressError(
+                f"layer {self.layer_idx}: top_k={self.routing.top_k} but only {logits.shape[-1]} experts "
+                "remain; keep more experts"
+            )
+        return logits, ids, bias
+
     def route(
         self, x: torch.Tensor, active: list[int] | None = None, logits: torch.Tensor | None = None
     ) -> RouteResult:
@@ -295,19 +321,8 @@ class MoEBlock:
         checkpoint computes, so search can score a pruning without building it.
         """
         r = self.routing
-        if logits is None:
-            logits = self.router_logits(x)
-        bias = self.correction_bias
-        ids = torch.arange(logits.shape[-1], device=logits.device)
-        if active is not None:
-            ids = torch.as_tensor(active, device=logits.device, dtype=torch.long)
-            logits = logits.index_select(-1, ids)
-            bias = None if bias is None else bias.index_select(0, ids)
+        logits, ids, bias = self.active_logits(x, active, logits)
         n_active = logits.shape[-1]
-        if r.top_k > n_active:
-            raise MoepressError(
-                f"layer {self.layer_idx}: top_k={r.top_k} but only {n_active} experts remain; keep more experts"
-            )
         if r.scoring == "softmax":
             scores = logits.softmax(dim=-1, dtype=torch.float32)
         else:
@@ -501,8 +516,9 @@ def supported_families() -> list[str]:
 _NOT_FAMILY_FILES = {"base", "declared", "families", "loading"}
 
 
+@functools.cache
 def _load_all() -> None:
-    # Importing the family files registers them; kept lazy so base has no import cycle.
+    # Importing the family files registers them (once); kept lazy so base has no import cycle.
     import importlib
     import pkgutil
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from moepress.errors import MoepressError
 from moepress.models.base import ExpertStore, MoEBlock, RouteResult, Routing, register_adapter
 from moepress.models.declared import FAMILIES, DeclaredAdapter, Family
 
@@ -62,17 +61,8 @@ class DbrxBlock(MoEBlock):
         return self.module.router  # `DbrxRouter`, built from the config, owns `layer.weight`
 
     def route(self, x, active=None, logits=None) -> RouteResult:
-        if logits is None:
-            logits = self.router_logits(x)
-        ids = torch.arange(logits.shape[-1], device=logits.device)
-        if active is not None:
-            ids = torch.as_tensor(active, device=logits.device, dtype=torch.long)
-            logits = logits.index_select(-1, ids)
+        logits, ids, _ = self.active_logits(x, active, logits)
         k = self.routing.top_k
-        if k > logits.shape[-1]:
-            raise MoepressError(
-                f"layer {self.layer_idx}: top_k={k} but only {logits.shape[-1]} experts remain; keep more experts"
-            )
         scores = logits.softmax(dim=-1)
         weights, local = torch.topk(scores, k, dim=-1)
         if self.p_norm is not None:

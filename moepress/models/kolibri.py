@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from moepress.errors import MoepressError
 from moepress.models.base import MoEBlock, RouteResult, Routing
 from moepress.models.declared import Family, declare
 
@@ -28,18 +27,7 @@ def kolibri_routing(router, config) -> Routing:
 class KolibriBlock(MoEBlock):
     def route(self, x, active=None, logits=None) -> RouteResult:
         r = self.routing
-        if logits is None:
-            logits = self.router_logits(x)
-        ids = torch.arange(logits.shape[-1], device=logits.device)
-        bias = self.correction_bias
-        if active is not None:
-            ids = torch.as_tensor(active, device=logits.device, dtype=torch.long)
-            logits = logits.index_select(-1, ids)
-            bias = bias.index_select(0, ids)
-        if r.top_k > logits.shape[-1]:
-            raise MoepressError(
-                f"layer {self.layer_idx}: top_k={r.top_k} but only {logits.shape[-1]} experts remain; keep more experts"
-            )
+        logits, ids, bias = self.active_logits(x, active, logits)
         local = torch.topk(logits + bias.float(), r.top_k, dim=-1)[1]
         weights = logits.gather(1, local).sigmoid()
         if r.norm_topk:

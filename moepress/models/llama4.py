@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from moepress.errors import MoepressError
 from moepress.models.base import ExpertStore, MoEBlock, RouteResult, Routing
 from moepress.models.declared import Family, declare
 
@@ -51,21 +50,11 @@ class Llama4Experts(ExpertStore):
 class Llama4Block(MoEBlock):
     """Top-k on the logits, sigmoid weights, weights applied to each expert's input."""
 
-    # the experts module sees weight·x, never the weight: a constant-output novice cannot stand in
-    supports_novices = False
+    novice_refusal = "Llama-4's experts see weight·x, never the weight, so a constant output cannot be weighted"
 
     def route(self, x, active=None, logits=None) -> RouteResult:
-        if logits is None:
-            logits = self.router_logits(x)
-        ids = torch.arange(logits.shape[-1], device=logits.device)
-        if active is not None:
-            ids = torch.as_tensor(active, device=logits.device, dtype=torch.long)
-            logits = logits.index_select(-1, ids)
+        logits, ids, _ = self.active_logits(x, active, logits)
         k = self.routing.top_k
-        if k > logits.shape[-1]:
-            raise MoepressError(
-                f"layer {self.layer_idx}: top_k={k} but only {logits.shape[-1]} experts remain; keep more experts"
-            )
         top, local = torch.topk(logits, k, dim=-1)
         weights = top.sigmoid().to(self.router_weight.dtype)
         return RouteResult(logits=logits, scores=logits.sigmoid(), weights=weights, index=ids[local])

@@ -67,8 +67,7 @@ class LongcatExperts(ExpertStore):
 class LongcatBlock(MoEBlock):
     """Routes over real + identity experts; `active` (real ids) always gains the identity ids."""
 
-    # a pruned router's identity slots follow the kept/novice slots, which `NoviceExperts` does not map
-    supports_novices = False
+    novice_refusal = "LongCat-Flash's identity experts take the router slots after the kept experts and novices"
 
     @property
     def extra_router_rows(self) -> int:

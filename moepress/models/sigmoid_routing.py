@@ -39,16 +39,9 @@ class ZeroFillGroupBlock(MoEBlock):
         r = self.routing
         if not (r.n_group and r.n_group > 1):
             return super().route(x, active, logits)
-        if logits is None:
-            logits = self.router_logits(x)
-        bias = self.correction_bias
-        ids = torch.arange(logits.shape[-1], device=logits.device)
-        if active is not None:
-            ids = torch.as_tensor(active, device=logits.device, dtype=torch.long)
-            logits = logits.index_select(-1, ids)
-            bias = None if bias is None else bias.index_select(0, ids)
+        logits, ids, bias = self.active_logits(x, active, logits)
         n = logits.shape[-1]
-        if r.top_k > n or n % r.n_group:
+        if n % r.n_group:
             raise MoepressError(
                 f"layer {self.layer_idx}: {n} experts cannot be routed top-{r.top_k} in {r.n_group} groups"
             )

@@ -302,9 +302,8 @@ def _check_fits(block: MoEBlock, action: LayerAction) -> None:
     i, r = block.layer_idx, block.routing
     if isinstance(action, Prune) and action.novices and not block.supports_novices:
         raise MoepressError(
-            f"plan: layer {i}'s block has no place for a novice (a constant output standing in for an expert: "
-            "Llama-4 weights each expert's input, LongCat-Flash's identity experts take the router slots after "
-            "the kept experts); use a method without novices (frequency, reap, a merge)"
+            f"plan: layer {i} has no place for a novice (a constant output standing in for an expert): "
+            f"{block.novice_refusal}; use a method without novices (frequency, reap, a merge)"
         )
     if isinstance(action, Prune) and r.n_group and r.n_group > 1:
         n = len(action.keep_experts) + len(action.novices)
