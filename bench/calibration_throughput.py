@@ -16,7 +16,7 @@ scores, heads × (qk_head_dim + v_head_dim) × (seq_len + 1) per layer. The laye
 captured once per repeat (untimed, reported apart) and kept on the device (`--cache cpu`: on the
 host, as `moepress calibrate` does by default). `first_moe_block` in the JSON times each piece of
 the first MoE block on one batch (the model's own block, the fused one, routing, sort + gather +
-grouped experts, the statistics with each segment-sum kernel, the combine) and says whether the
+grouped experts, the statistics with the Triton moments kernel and with torch ops, the combine) and says whether the
 fused block's output equals the model's own bit for bit.
 
     python bench/calibration_throughput.py                                   # dsv2-lite on one GPU
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moepress.calibrate import stats as stats_module  # noqa: E402
 from moepress.calibrate.runner import LayerInputs, calibrate, capture_inputs, forward_collecting, run_layer  # noqa: E402
+from moepress.calibrate.segment_moments import segment_moments, segment_moments_reference, use_kernel  # noqa: E402
 from moepress.calibrate.stats import CalibrationStats, LayerStats  # noqa: E402
 from moepress.models import get_adapter  # noqa: E402
 from moepress.testing import randomize_routers  # noqa: E402
@@ -142,26 +143,12 @@ def first_moe_input(model, ids: torch.Tensor, device: torch.device):
     return block, seen["x"]
 
 
-def _segment_sum_index_add(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
-                                     output_size=values.shape[0])
-    return values.new_zeros((len(counts), *values.shape[1:])).index_add_(0, expert, values)
-
-
-def _segment_sum_one_hot(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
-                                     output_size=values.shape[0])
-    one_hot = (expert[None, :] == torch.arange(len(counts), device=counts.device)[:, None]).to(values.dtype)
-    return one_hot @ values
-
-
-SEGMENT_SUMS = {"segment_reduce": stats_module._segment_sum, "index_add": _segment_sum_index_add,
-                "one_hot_mm": _segment_sum_one_hot}
+MOMENTS = {"kernel": segment_moments, "torch": segment_moments_reference}  # the shifted output moments
 
 
 def block_breakdown(block, x: torch.Tensor, device: torch.device, repeats: int) -> dict:
     """Milliseconds per call of each piece of the first MoE block on one calibration batch, the
-    statistics with each segment-sum kernel, and whether the fused forward equals the model's
+    statistics with the moments kernel and with torch ops, and whether the fused forward equals the model's
     own block bit for bit: where the time goes, and what to try next."""
 
     def timed(fn) -> float:
@@ -189,13 +176,14 @@ def block_breakdown(block, x: torch.Tensor, device: torch.device, repeats: int) 
             "combine_ms": timed(lambda: routes.combine(x2d.shape[0], x2d.dtype)),
             "shared_ms": timed(lambda: block.shared_out(x)),
         }
-        default = stats_module._segment_sum
-        try:
-            for name, fn in SEGMENT_SUMS.items():
-                stats_module._segment_sum = fn
+        default = stats_module.segment_moments
+        try:  # the Triton kernel (where it runs) vs the same moments in torch ops
+            for name, fn in MOMENTS.items():
+                stats_module.segment_moments = fn
                 out[f"statistics_ms[{name}]"] = timed(lambda: fresh().add_routes(route, routes))
         finally:
-            stats_module._segment_sum = default
+            stats_module.segment_moments = default
+        out["moments_kernel_used"] = use_kernel(routes.outputs)
         out["fused_output_bit_equal"] = bool(torch.equal(forward_collecting(block, fresh(), x), block.module(x)))
     return out
 
@@ -226,6 +214,7 @@ def main() -> None:
                     help="where the hidden states between layers are kept")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak (H200 bf16: 989)")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -295,7 +284,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     tag = device_name.replace(" ", "_").replace("/", "_")
-    name = f"calibration_throughput_{args.shape}_{tag}.json"
+    name = f"calibration_throughput_{args.shape}_{tag}{'_' + args.tag if args.tag else ''}.json"
     (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], name).write_text(json.dumps(result, indent=1) + "\n")

@@ -148,6 +148,11 @@ def main() -> None:
             # a break splits the step into several graphs (and CUDA graphs), each with a launch gap
             "graph_breaks": dict(counters["graph_break"]),
         }
+        record.update(device=res.device, dtype=str(dtype).removeprefix("torch."), batch_sizes=args.batch_sizes,
+                      prompt_len=args.prompt_len, new_tokens=args.new_tokens, warmup=args.warmup,
+                      repeats=args.repeats, mode=args.mode, backend=backend, bandwidth=args.bandwidth,
+                      torch=torch.__version__)
+        save(record, path)
         print(f"[{args.model}] {variant}: {time.perf_counter() - t:.0f} s, graph breaks "
               f"{sum(counters['graph_break'].values())}", flush=True)
         del model
@@ -155,16 +160,16 @@ def main() -> None:
         torch._dynamo.reset()  # frees the compiled graphs (and their CUDA graph pools) of this variant
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    record.update(device=res.device, dtype=str(dtype).removeprefix("torch."), batch_sizes=args.batch_sizes,
-                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, warmup=args.warmup,
-                  repeats=args.repeats, mode=args.mode, backend=backend, bandwidth=args.bandwidth,
-                  torch=torch.__version__)
     print_table(record)
+    print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
+
+
+def save(record: dict, path: Path) -> None:
+    """Write the merged record (after every variant: a run stopped at its time limit keeps the rest)."""
     text = json.dumps(record, indent=1)
     path.write_text(text)
     if os.environ.get("OUT"):  # the remote device tool brings back what lands here
-        Path(os.environ["OUT"], fname).write_text(text)
-    print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
+        Path(os.environ["OUT"], path.name).write_text(text)
 
 
 def print_table(record: dict) -> None:

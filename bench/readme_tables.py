@@ -155,6 +155,49 @@ def scale_table() -> str:
     return "\n".join(lines)
 
 
+CALIBRATION_ROWS = (  # (results file, path, what the row is)
+    ("n256", "per_expert", "before: statistics per expert in a Python loop (`stats_path=\"per_expert\"`)"),
+    ("n256", "hooked", "grouped statistics beside the model's own block (`\"hooked\"`)"),
+    ("n1024", "forward", "the model's own forward, no statistics"),
+    ("n1024", "fused", "**after: fused** (default), batch 32 sequences"),
+    ("n1024_b64", "fused", "**after: fused**, batch 64 sequences"),
+)
+
+
+def calibration_table() -> str:
+    lines = ["| path | tokens | median s (min–max) | tokens/s | TFLOP/s | share of peak |", "|" + "---|" * 6]
+    for tag, path, label in CALIBRATION_ROWS:
+        r = _load(f"calibration_throughput_dsv2-lite_NVIDIA_H200_{tag}.json")
+        if not r or path not in r["paths"]:
+            continue
+        row = r["paths"][path]
+        bold = "**" if "after" in label else ""
+        lines.append(
+            f"| {label} | {r['tokens']:,} | {row['median_s']:.2f} ({row['min_s']:.2f}–{row['max_s']:.2f}) | "
+            f"{row['tokens_per_s']:,.0f} | {row['achieved_tflops']:.1f} | "
+            f"{bold}{100 * row['fraction_of_peak']:.1f}%{bold} |"
+        )
+    return "\n".join(lines)
+
+
+def decode_compiled_table() -> str:
+    r = _load("decode_compiled_dsv2-lite_h200.json")
+    if not r:
+        return ""
+    lines = ["| variant | b | read/step | limit tok/s | eager tok/s (min–max) | compiled tok/s (min–max) | "
+             "eager % of limit | compiled % of limit | compile s |", "|" + "---|" * 9]
+    for variant, entry in r["variants"].items():
+        for b, s in entry["summary"].items():
+            (elo, ehi), (lo, hi) = s["eager_tok_s_range"], s["compiled_tok_s_range"]
+            lines.append(
+                f"| {variant} | {b} | {s['bytes_per_step'] / 2**30:.2f} GiB | {s['limit_tok_s']:,.0f} | "
+                f"{s['eager_tok_s']:,.1f} ({elo:,.1f}–{ehi:,.1f}) | {s['compiled_tok_s']:,.1f} ({lo:,.1f}–{hi:,.1f}) | "
+                f"{100 * s['eager_share_of_limit']:.0f}% | {100 * s['compiled_share_of_limit']:.0f}% | "
+                f"{s['compile_s']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
 def _fidelity_cell(row: dict | None) -> str:
     """ppl / JS / hellaswag acc_norm / piqa acc_norm (— where not measured)."""
     if row is None:
@@ -197,7 +240,9 @@ def fidelity_table() -> str:
 def main() -> None:
     for title, table in (("reproducing the papers", fidelity_table()), ("expert pruning", pruning_table()),
                          ("merging", merging_table()),
-                         ("CD-MoE", cd_moe_table()), ("speed", speed_table()), ("scale", scale_table())):
+                         ("CD-MoE", cd_moe_table()), ("speed", speed_table()),
+                         ("compiled decode", decode_compiled_table()), ("calibration throughput", calibration_table()),
+                         ("scale", scale_table())):
         print(f"### {title}\n\n{table}\n")
 
 

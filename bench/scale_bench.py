@@ -113,7 +113,7 @@ def forward_working_set(streamer: Streamer, ids: torch.Tensor, index: int, devic
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    run_layer(layer, inputs, device, replace=False)
+    run_layer(layer, inputs, device, replace=False, index=index)
     torch.cuda.synchronize(device)
     work = torch.cuda.max_memory_allocated(device) - base
     streamer.release_layer(index)

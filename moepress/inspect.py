@@ -77,6 +77,8 @@ def supported_actions(block) -> list[str]:
     """What moepress can do to this family's MoE layers (every family supports every action; the
     condensed form depends on whether one dense MLP can reproduce its experts)."""
     condensed = "dense MLP" if block.condenses_to_dense else "the family's experts class"
+    if block.condense_keeps_router:
+        condensed = "the family's block with its router, fixed-weight experts"
     return [
         "expert pruning (plain checkpoint when uniform)",
         "novices (MoNE)",

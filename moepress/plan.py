@@ -254,6 +254,8 @@ class CompressionPlan(BaseModel):
                 )
             if isinstance(a, Keep):
                 continue
+            if i not in moe and i in (unviewed := adapter.unviewed_moe_layers(model)):
+                raise MoepressError(f"plan: layer {i} cannot take `{a.action}`: {unviewed[i]}; {FIX_PLAN}")
             if i not in moe:
                 raise MoepressError(
                     f"plan: layer {i} is not an MoE layer; only MoE layers can be {a.action}ed; {FIX_PLAN}"

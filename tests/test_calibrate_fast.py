@@ -9,6 +9,7 @@ import torch
 
 from moepress.calibrate import CalibrationStats, LayerStats, calibrate, calibrate_hooked
 from moepress.calibrate.runner import forward_collecting
+from moepress.calibrate.stats import route_experts
 from moepress.models import get_adapter
 from moepress.models.base import ExpertStore, FusedExperts, RouteResult
 from moepress.testing import TINY_FAMILIES, tiny_model
@@ -151,3 +152,59 @@ def test_a_block_the_view_does_not_reproduce_keeps_its_own_forward():
         experts.forward = lambda *args, own=experts.forward: 2 * own(*args)
     ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(8))
     assert_stats_close(calibrate(model, ids, batch_size=2).stats, calibrate_hooked(model, ids, batch_size=2))
+
+
+_KERNEL_CHECK = """
+import torch
+from moepress.calibrate.segment_moments import segment_moments, segment_moments_reference, use_kernel
+g = torch.Generator().manual_seed(0)
+counts = torch.tensor([0, 37, 1, 0, 70, 5, 64, 0])
+device = "cuda" if torch.cuda.is_available() else "cpu"
+for dtype in (torch.bfloat16, torch.float16):
+    values = (3 + torch.randn(int(counts.sum()), 72, generator=g)).to(dtype).to(device)
+    shift = torch.randn(8, 72, generator=g).to(device)
+    assert use_kernel(values)
+    got = segment_moments(values, counts.to(device), shift)
+    want = segment_moments_reference(values, counts.to(device), shift)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    assert not got[0][counts == 0].any() and got[1].abs().max() > 1
+print("kernel ok")
+"""
+
+
+def test_segment_moments_kernel_equals_the_torch_reference():
+    """The Triton kernel (on a GPU, or Triton's CPU interpreter) gives the torch computation's sums."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="Triton ships with CUDA builds of PyTorch; this CPU build has none")
+    env = dict(os.environ) if torch.cuda.is_available() else {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and "kernel ok" in run.stdout, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "olmoe"])
+@torch.no_grad()
+def test_half_precision_moments_are_shifted_without_cancellation(family):
+    """bf16 expert outputs with a mean far larger than their spread: the shifted float32 moments
+    still give the float64 variance (Σy² − nȳ² in float32 would lose it)."""
+    model = tiny_model(family).to(torch.bfloat16)
+    block = next(iter(get_adapter(model).blocks(model).values()))
+    x = torch.randn(300, block.hidden_size, generator=torch.Generator().manual_seed(4)).bfloat16()
+    route = block.route(x)
+
+    def stats(dtype: torch.dtype) -> LayerStats:
+        s = LayerStats(block.layer_idx, block.num_experts, block.hidden_size, block.top_k)
+        for rows in (slice(0, 100), slice(100, None)):  # the second batch is shifted by the running mean
+            part = RouteResult(route.logits[rows], route.scores[rows], route.weights[rows], route.index[rows])
+            routes = route_experts(block, x[rows], part)
+            routes.outputs = (routes.outputs.float() + 16).bfloat16().to(dtype)  # mean far above the spread
+            s.add_routes(part, routes)
+        return s
+
+    fast, exact = stats(torch.bfloat16), stats(torch.float64)
+    assert_layer_stats_close(fast, exact, rtol=1e-5)
+    var = exact.out_m2 / exact.count.clamp(min=1)[:, None]
+    assert ((fast.out_m2 - exact.out_m2).abs().max() / exact.out_m2.abs().max()) < 1e-4 and var.max() > 1e-6

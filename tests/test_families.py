@@ -78,7 +78,11 @@ def test_declared_family_outputs_round_trip(family, tmp_path):
         want = _logits(compressed)
         out = save_compressed(compressed, plan, tmp_path / kind)
         torch.testing.assert_close(_logits(moepress.load(out)), want, rtol=1e-5, atol=1e-5)
-        if kind == "prune_uniform":
+        if kind == "prune_uniform" and adapter.expert_count_shared:  # the count sizes more than the MoE
+            config = json.loads((out / "config.json").read_text())
+            assert config["model_type"] == "moepress_" + model.config.model_type
+            assert config[adapter.num_experts_key] == getattr(model.config, adapter.num_experts_key)
+        elif kind == "prune_uniform":
             config = json.loads((out / "config.json").read_text())
             assert config["model_type"] == model.config.model_type
             torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(out)), want, rtol=1e-5, atol=1e-5)

@@ -31,7 +31,8 @@ class Checkpointer:
         if stats is not None:
             CalibrationStats({i: stats}).save(self.folder / f"layer_{i}")
         tmp = self.folder / "hidden.pt.tmp"
-        torch.save({"hidden": inputs.hidden, "kwargs": inputs.kwargs}, tmp)
+        torch.save({"hidden": inputs.hidden, "kwargs": inputs.kwargs, "layer_kwargs": inputs.layer_kwargs,
+                    "state": inputs.state}, tmp)
         os.replace(tmp, self.folder / "hidden.pt")
         state = {"last_layer": i, "data_fingerprint": self.fingerprint}
         (self.folder / "state.json.tmp").write_text(json.dumps(state))
@@ -50,7 +51,9 @@ def load_progress(folder: Path, data_fingerprint: str) -> tuple[int, Calibration
     stats = CalibrationStats({})
     for d in sorted(folder.glob("layer_*")):
         stats.merge(CalibrationStats.load(d))
-    return state["last_layer"] + 1, stats, LayerInputs(hidden=saved["hidden"], kwargs=saved["kwargs"])
+    return state["last_layer"] + 1, stats, LayerInputs(
+        hidden=saved["hidden"], kwargs=saved["kwargs"], layer_kwargs=saved.get("layer_kwargs", {}),
+        position=state["last_layer"] + 1, state=saved.get("state", []))
 
 
 def calibrate_resumable(model, input_ids, out: str | Path, data_fingerprint: str, resume: bool = False,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from moepress.calibrate.stats import CalibrationStats, LayerStats, SortedRoutes, route_experts
+from moepress.errors import MoepressError
 from moepress.models import get_adapter
 from moepress.models.base import Adapter, MoEBlock, RouteResult
 from moepress.progress import progress
@@ -32,12 +33,18 @@ class _Stop(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    """Records the first decoder layer's inputs, then aborts the forward pass."""
+class _Recorder(nn.Module):
+    """Stands in for one decoder layer during capture: records the arguments the model passes it and
+    hands the hidden states on unchanged (a layer's arguments — masks per attention type, rotary
+    tables per type, per-layer embeddings — are computed before the layer loop, not from earlier
+    layers' outputs); the last one aborts the forward."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, last: bool):
         super().__init__()
         self.layer = layer
+        self.last = last
+        self.as_tuple = False  # the model's loop unpacks (hidden, state) from its layers
+        self.perturb = False  # hand on changed hidden states: which arguments depend on earlier layers
         self.record: tuple[torch.Tensor, dict] | None = None
 
     def __getattr__(self, name: str):
@@ -54,29 +61,92 @@ class _Catcher(nn.Module):
             bound = inspect.signature(self.layer.forward).bind(hidden_states, *args, **kwargs)
             names = list(bound.arguments)
             kwargs = {**dict(zip(names[1:1 + len(args)], args, strict=True)), **kwargs}
-        self.record = (hidden_states, kwargs)
-        raise _Stop
+        self.record = (hidden_states, {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")})
+        if self.last:
+            raise _Stop
+        out = hidden_states * 1.5 + 1 if self.perturb else hidden_states
+        return (out, None) if self.as_tuple else out
 
 
 @dataclass
 class LayerInputs:
-    """Hidden states entering one decoder layer, per batch, plus the layer call's keyword args."""
+    """Hidden states entering decoder layer `position`, per batch, plus every layer's keyword args.
+
+    `kwargs[b]` are what the model passes decoder layer 0 for batch b; `layer_kwargs[j][b]` those of
+    layer j where they differ (sliding vs full attention masks, per-type rotary tables, per-layer
+    inputs), sharing tensors between layers that receive the same ones."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
     storage: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    layer_kwargs: dict[int, list[dict]] = field(default_factory=dict)
+    position: int = 0
+    # state layer `position - 1` handed on, per batch, and the family's rule that computes it
+    # (`Adapter.hand_on`; None for families whose layers hand nothing on)
+    state: list[dict] = field(default_factory=list)
+    hand_on: Callable | None = None
+
+    def kwargs_for(self, layer: int) -> list[dict]:
+        """Per batch, the keyword arguments the model passes decoder layer `layer`."""
+        return self.layer_kwargs.get(layer, self.kwargs)
+
+    def kwargs_on(self, device: torch.device | str) -> LayerKwargs:
+        """Every layer's arguments moved to `device` once (tensors shared between layers stay shared)."""
+        memo: dict[int, object] = {}
+        return LayerKwargs(
+            [_to(kw, device, memo) for kw in self.kwargs],
+            {j: [_to(kw, device, memo) for kw in kws] for j, kws in self.layer_kwargs.items()},
+        )
 
 
-def _to(obj, device):
+@dataclass
+class LayerKwargs:
+    """Per layer and batch, the keyword arguments of a decoder layer call (`LayerInputs.kwargs_on`)."""
+
+    first: list[dict]
+    differing: dict[int, list[dict]]
+
+    def __call__(self, layer: int, batch: int) -> dict:
+        return self.differing.get(layer, self.first)[batch]
+
+    def __len__(self) -> int:
+        """The number of batches."""
+        return len(self.first)
+
+
+def _to(obj, device, memo: dict[int, object] | None = None):
+    """`obj` with every tensor moved to `device`; with `memo`, a tensor met twice is moved once."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # the source is kept alive: its id stays its own
+        return memo[id(obj)][1]
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
+
+
+def _same_arguments(a, b) -> bool:
+    """Whether two layer calls' arguments are the same (the same objects, or equal tensors)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same_arguments, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_arguments(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a usable equality: only identity counts
+        return False
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -92,27 +162,91 @@ def capture_inputs(
     device: torch.device | str | None = None,
     storage: torch.device | str = "cpu",
 ) -> LayerInputs:
-    """Hidden states and layer kwargs entering decoder layer 0, computed batch by batch."""
+    """Hidden states entering decoder layer 0 and every layer's keyword arguments, batch by batch
+    (one forward through stand-ins for the layers: embeddings and argument preparation only)."""
     adapter = adapter or get_adapter(model)
     layers = adapter.layers(model)
     device = torch.device(device) if device is not None else model_device(model)
-    catcher = _Catcher(layers[0])
-    layers[0] = catcher
+    recorders = [_Recorder(layer, last=j == len(layers) - 1) for j, layer in enumerate(layers)]
+    for j, recorder in enumerate(recorders):
+        layers[j] = recorder
     hidden, kwargs = [], []
+    per_layer: list[list[dict]] = [[] for _ in layers]  # per layer, per batch (layer 0's where equal)
     try:
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start : start + batch_size].to(device)
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _Stop:
-                pass
-            h, kw = catcher.record
-            kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "use_cache")}
+            for recorder in recorders:
+                recorder.record = None
+            _forward_through(model, ids, recorders)
+            missing = [j for j, r in enumerate(recorders) if r.record is None]
+            if missing:
+                raise MoepressError(f"{adapter.family}: the model's forward did not reach decoder layer "
+                                    f"{missing[0]} when recording layer arguments; this family's layers "
+                                    "cannot be run one at a time")
+            if not hidden:
+                _check_no_hidden_state(adapter, model, ids, recorders)
+            h, first = recorders[0].record
+            memo: dict[int, object] = {}
             hidden.append(h.to(storage))
-            kwargs.append(_to(kw, storage))
+            kwargs.append(_to(first, storage, memo))
+            for j, recorder in enumerate(recorders):
+                kw = recorder.record[1]
+                per_layer[j].append(kwargs[-1] if j == 0 or _same_arguments(kw, first) else _to(kw, storage, memo))
     finally:
-        layers[0] = catcher.layer
-    return LayerInputs(hidden=hidden, kwargs=kwargs, storage=torch.device(storage))
+        for j, recorder in enumerate(recorders):
+            layers[j] = recorder.layer
+    layer_kwargs = {j: kws for j, kws in enumerate(per_layer)
+                    if any(kw is not base for kw, base in zip(kws, kwargs, strict=True))}
+    return LayerInputs(hidden=hidden, kwargs=kwargs, storage=torch.device(storage), layer_kwargs=layer_kwargs,
+                       hand_on=hand_on_rule(adapter))
+
+
+def hand_on_rule(adapter: Adapter) -> Callable | None:
+    """The family's rule for the state its layers hand on, when they hand any."""
+    return adapter.hand_on if adapter.carried or adapter.state_arguments else None
+
+
+def _check_no_hidden_state(adapter: Adapter, model: nn.Module, ids: torch.Tensor, recorders: list[_Recorder]) -> None:
+    """Refuse a family whose layers get arguments computed from earlier layers' outputs that its
+    adapter does not hand on: layer-by-layer runs would give them stale values, silently."""
+    before = [r.record[1] for r in recorders]
+    for r in recorders:
+        r.perturb, r.record = True, None
+    try:
+        _forward_through(model, ids, recorders)
+    finally:
+        for r in recorders:
+            r.perturb = False
+    for j, (r, kw) in enumerate(zip(recorders, before, strict=True)):
+        moved = [k for k in kw if k not in adapter.state_arguments and not _same_arguments(kw[k], r.record[1].get(k))]
+        if moved:
+            raise MoepressError(f"{adapter.family}: decoder layer {j}'s argument `{moved[0]}` depends on earlier "
+                                "layers' outputs, which layer-by-layer runs cannot give it; this family needs "
+                                "its adapter to hand that state on (Adapter.hand_on)")
+
+
+def _forward_through(model: nn.Module, ids: torch.Tensor, recorders: list[_Recorder]) -> None:
+    """One forward through the recorders; a model whose loop unpacks (hidden, state) from each layer
+    gets tuples (its failure on a bare tensor says so)."""
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _Stop:
+        return
+    except (TypeError, ValueError) as err:
+        if recorders[0].as_tuple or recorders[0].record is None:
+            raise
+        first = err
+    else:
+        return
+    for recorder in recorders:
+        recorder.as_tuple, recorder.record = True, None
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _Stop:
+        return
+    except Exception as err:  # noqa: BLE001 - neither convention: name the first failure
+        raise MoepressError(f"recording the decoder layers' arguments failed ({first}); this family's "
+                            "layers cannot be run one at a time") from err
 
 
 @torch.no_grad()
@@ -121,16 +255,29 @@ def run_layer(
     inputs: LayerInputs,
     device: torch.device | str,
     replace: bool = True,
+    index: int | None = None,
 ) -> list[torch.Tensor]:
-    """Run one decoder layer over all cached batches on `device`; returns (or stores) the outputs."""
-    outs = []
-    for i, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs, strict=True)):
-        out = layer(h.to(device), **_to(kw, device), use_cache=False)
+    """Run decoder layer `index` (default: the one the cached states enter, `inputs.position`) over all
+    cached batches on `device`; returns the outputs, and with `replace` stores them as the next
+    layer's inputs."""
+    index = inputs.position if index is None else index
+    state = inputs.state if inputs.hand_on is not None and index == inputs.position else []
+    outs, handed = [], []
+    for i, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs_for(index), strict=True)):
+        if state:
+            kw = {**kw, **state[i]}
+        h, kw = h.to(device), _to(kw, device)
+        out = layer(h, **kw, use_cache=False)
+        if inputs.hand_on is not None:
+            handed.append(_to(inputs.hand_on(layer, kw, h, out), inputs.storage))
         out = out[0] if isinstance(out, tuple) else out
         out = out.to(inputs.storage)
         if replace:
             inputs.hidden[i] = out
         outs.append(out)
+    if replace:
+        inputs.position = index + 1
+        inputs.state = handed
     return outs
 
 
@@ -255,6 +402,7 @@ def calibrate(
     device = torch.device(device) if device is not None else (home if stream is None else stream.device)
     capture_device = device if stream is None else stream.rest_device
     inputs = inputs or capture_inputs(model, input_ids, batch_size, adapter, capture_device)
+    inputs.hand_on = hand_on_rule(adapter)  # (inputs resumed from disk carry only the state)
     moe_ids = set(adapter.moe_layer_ids(model))
     stats: dict[int, LayerStats] = {}
     moe_inputs: dict[int, torch.Tensor] = {}
@@ -268,7 +416,7 @@ def calibrate(
             seen: list[torch.Tensor] = []
             detach = _collect(block, s, stats_path, seen if keep_moe_inputs else None)
         try:
-            run_layer(layer, inputs, device)
+            run_layer(layer, inputs, device, index=i)
         finally:
             if detach is not None:
                 detach()

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from moepress.calibrate.segment_moments import segment_moments
 from moepress.errors import MoepressError
 from moepress.models.base import MoEBlock, RouteResult
 
@@ -55,14 +56,18 @@ class SortedRoutes:
     def combine(self, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
         """Σ_k weight · output per token [N, H]: the block's routed output. Same ops in the same
         order as transformers' `grouped_mm` experts path, so the same kernels give the same bits."""
-        weighted = self.outputs * self.weights[:, None]
-        if self.extra_order is None:
-            per_slot = torch.empty_like(weighted)
-        else:
-            per_slot = weighted.new_empty(self.order.shape[0] + self.extra_order.shape[0], weighted.shape[-1])
-            per_slot[self.extra_order] = (self.extra_outputs * self.extra_weights[:, None]).to(weighted.dtype)
-        per_slot[self.order] = weighted
-        return per_slot.view(num_tokens, -1, weighted.shape[-1]).sum(dim=1).to(dtype)
+        order, outputs, weights = self.order, self.outputs, self.weights
+        if self.extra_order is not None:
+            order = torch.cat([order, self.extra_order])
+            outputs = torch.cat([outputs, self.extra_outputs.to(outputs.dtype)])
+            weights = torch.cat([weights, self.extra_weights.to(weights.dtype)])
+        # back to slot order by a gather through the inverse permutation, before weighting: a scatter
+        # (`x[order] = ...`) sorts its indices on the GPU, and permuting the unweighted (bf16) rows
+        # moves half the bytes of the float32 products; the products and their sum are the same
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.shape[0], device=order.device, dtype=order.dtype)
+        per_slot = outputs.index_select(0, inverse) * weights.index_select(0, inverse)[:, None]
+        return per_slot.view(num_tokens, -1, outputs.shape[-1]).sum(dim=1).to(dtype)
 
 
 def route_experts(block: MoEBlock, x: torch.Tensor, route: RouteResult) -> SortedRoutes:
@@ -104,6 +109,15 @@ def route_experts(block: MoEBlock, x: torch.Tensor, route: RouteResult) -> Sorte
 def _segment_sum(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Sums of consecutive row segments of lengths `counts` ([S, ...] -> [E, ...]); deterministic."""
     return torch.segment_reduce(values, "sum", lengths=counts, axis=0, unsafe=True)
+
+
+def _two_pass_moments(outputs: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-segment mean and M2 in float64, centred on the batch mean before squaring (two passes):
+    no cancellation in Σy² − nȳ²; the float32/64 path, as exact as the per-expert reference."""
+    y = outputs.to(torch.float64, copy=True)
+    mean = _segment_sum(y, counts) / counts.to(torch.float64).clamp(min=1)[:, None]
+    y -= mean.repeat_interleave(counts, dim=0, output_size=y.shape[0])
+    return mean, _segment_sum(y.square_(), counts)
 
 
 @dataclass
@@ -160,19 +174,30 @@ class LayerStats:
         self.logit_sum += logits.sum(0)
         self.logit_sqsum += (logits * logits).sum(0)
         counts = routes.counts
-        # half-precision outputs are summed in float32 (exact inputs, ~1e-7 relative per batch; the
-        # running totals stay float64); float32/64 outputs in float64, as the per-expert reference
+        # half-precision outputs are summed in float32 from their exact values (~1e-7 relative per
+        # batch; the running totals stay float64); float32/64 outputs in float64, as the reference
         acc = torch.float64 if routes.outputs.dtype in (torch.float32, torch.float64) else torch.float32
-        y = routes.outputs.to(acc, copy=True)
         w = routes.weights.to(acc)
+        norms = torch.linalg.vector_norm(routes.outputs, dim=-1, dtype=acc)
         self.weight_sum += _segment_sum(w, counts).double()
-        self.weighted_norm_sum += _segment_sum(w * torch.linalg.vector_norm(y, dim=-1), counts).double()
-        n_b = counts.to(acc)
-        mean_b = _segment_sum(y, counts) / n_b.clamp(min=1)[:, None]
-        # centre on the batch mean before squaring (two-pass): no cancellation in Σy² − nȳ²
-        y -= mean_b.repeat_interleave(counts, dim=0, output_size=y.shape[0])
-        m2_b = _segment_sum(y.square_(), counts)
+        self.weighted_norm_sum += _segment_sum(w * norms, counts).double()
+        if routes.outputs.shape[0] == 0:
+            return
+        if acc == torch.float64:
+            mean_b, m2_b = _two_pass_moments(routes.outputs, counts)
+        else:  # one read of the rows (a Triton kernel on the GPU), shifted: see segment_moments
+            mean_b, m2_b = self._shifted_moments(routes.outputs, counts)
         self._merge_moments(counts.double(), mean_b.double(), m2_b.double())
+
+    def _shifted_moments(self, outputs: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert batch mean and M2 in float32 from sums shifted by a value near each mean: the
+        running mean where the expert was seen before, else its first row in this batch."""
+        starts = (torch.cumsum(counts, 0) - counts).clamp(max=outputs.shape[0] - 1)
+        seen = (self.count > 0)[:, None]
+        shift = torch.where(seen, self.out_mean.to(torch.float32), outputs[starts].to(torch.float32))
+        total, squares = segment_moments(outputs, counts, shift)
+        n = counts.to(torch.float32).clamp(min=1)[:, None]
+        return shift * (counts > 0)[:, None] + total / n, (squares - total * total / n).clamp(min=0)
 
     @torch.no_grad()
     def update_per_expert(self, block: MoEBlock, x: torch.Tensor, route: RouteResult | None = None) -> None:

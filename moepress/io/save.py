@@ -256,7 +256,7 @@ def verify_checkpoint(model: nn.Module, folder: Path, plain: bool, trust_remote_
         reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=p.dtype).to(p.device).eval()
     else:
         reloaded = load(folder, dtype=p.dtype, device=p.device, trust_remote_code=trust_remote_code)
-    ids = probe_ids(model.config.vocab_size).to(p.device)
+    ids = probe_ids(model.config.get_text_config().vocab_size).to(p.device)  # a VLM wrapper's is its text config's
     was_training = model.training
     model.eval()
     with torch.no_grad():

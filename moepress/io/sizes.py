@@ -80,7 +80,13 @@ def _kept_experts(block, kept: list[int]) -> Size:
     is not one expert per leading index (DBRX's [E·I, H] matrices), else the per-expert rows."""
     if hasattr(block.experts, "kept_state"):
         return _sum(block.experts.kept_state(kept).values())
-    return _rows([t for _, t in saved_tensors(block.experts.module)], block.num_experts, len(kept))
+    tensors = [t for m in _expert_modules(block) for _, t in saved_tensors(m)]
+    return _rows(tensors, block.num_experts, len(kept))
+
+
+def _expert_modules(block) -> list[nn.Module]:
+    """The modules holding the block's experts: its `expert_parts` where they are several."""
+    return [block.module.get_submodule(p) for p in block.expert_parts] or [block.experts.module]
 
 
 def predict_size(model: nn.Module, plan: CompressionPlan) -> Size:
@@ -101,12 +107,18 @@ def predict_size(model: nn.Module, plan: CompressionPlan) -> Size:
         shared_gate = keep_shared and block.shared_gate is not None
         post_norm = getattr(block, "post_norm", None)  # a condensed block keeps the block's output norm
         norm = _sum(t for _, t in saved_tensors(post_norm)) if post_norm is not None else Size(0, 0)
-        if isinstance(action, Drop):
-            new = Size(0, 0)
+        if isinstance(action, Drop):  # a block on the layer itself (`owner`) keeps the router the layer calls
+            new = Size(0, 0) if block.owner is None else _sum(t for _, t in saved_tensors(block.router))
+        elif isinstance(action, Condense) and block.condense_keeps_router:  # the block less its unchosen experts
+            gone = _sum(t for _, t in saved_tensors(block.experts.module))
+            kept = _kept_experts(block, action.experts)
+            k = len(action.experts)
+            new = Size(old.params - gone.params + kept.params + k, old.bytes - gone.bytes + kept.bytes + k * itemsize)
         elif isinstance(action, Condense) and block.condenses_to_dense:
             shared = block.shared_intermediate if keep_shared else 0
             rows = shared + len(action.experts) * block.expert_intermediate
             n = (2 if gate is None else 3) * rows * hidden + (hidden if shared_gate else 0)
+            n += hidden if block.output_bias is not None and action.keep_shared else 0  # kept as down_proj's bias
             new = Size(n + norm.params, n * itemsize + norm.bytes)
         elif isinstance(action, Condense):  # the family's experts class with the chosen experts (CondensedExperts)
             k = len(action.experts)
@@ -119,7 +131,7 @@ def predict_size(model: nn.Module, plan: CompressionPlan) -> Size:
         else:
             e, n_active = block.num_experts, len(action.keep_experts) + len(action.novices)
             router, experts = block.router, block.experts.module
-            moved = {id(t) for m in (router, experts) for _, t in saved_tensors(m)}
+            moved = {id(t) for m in (router, experts, *_expert_modules(block)) for _, t in saved_tensors(m)}
             own = {n: t for n, t in saved_tensors(block.module) if id(t) not in moved and "." not in n}
             block_rows = _rows([t for t in own.values() if t.ndim and t.shape[0] == e], e, n_active)
             moved |= {id(t) for t in own.values() if t.ndim and t.shape[0] == e}

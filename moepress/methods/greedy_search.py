@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moepress.calibrate.runner import _to, capture_inputs
+from moepress.calibrate.runner import _to, capture_inputs, hand_on_rule
 from moepress.errors import MoepressError
 from moepress.methods.scoring import FinalHiddenScorer, HiddenReference, Metric, NextTokenScorer, check_metric
 from moepress.methods.simulate import actions_applied, forward_replaced
@@ -234,7 +234,7 @@ class GreedySearch:
         self.counts = ForwardCounts()
         self.input_ids = list(input_ids.split(batch_size))
         inputs = capture_inputs(model, input_ids, batch_size, self.adapter, self.device, storage=self.storage)
-        self.kwargs = [_to(kw, self.device) for kw in inputs.kwargs]
+        self.kwargs = inputs.kwargs_on(self.device)  # per layer and batch
         self.stats: dict[int, RoutingMass] = {}
         self.x: dict[int, list[torch.Tensor]] = {}
         self.mid: dict[int, list[torch.Tensor]] = {}
@@ -262,12 +262,24 @@ class GreedySearch:
         return self.metric == "hidden-js"
 
     # ---- running layers ------------------------------------------------------------------------
-    def _layer(self, j: int, h: torch.Tensor, kw: dict, n: int = 1) -> torch.Tensor:
+    # while set, `_layer` keeps the state each layer hands the next (`Adapter.carried`): the passes that
+    # run the model (original, or under the chosen actions) in order; candidates read what they kept
+    recording = False
+
+    def _layer(self, j: int, h: torch.Tensor, i: int, n: int = 1) -> torch.Tensor:
+        """Layer j on h, batch i's input (n candidates stacked along the batch), with layer j's arguments
+        and the state the previous layer handed on."""
         b = h.shape[0] // n
+        kw = self.kwargs(j, i)
+        handed = self.__dict__.setdefault("handed", {})  # layer -> per batch: the state entering it
+        if handed.get(j) is not None and handed[j][i] is not None:
+            kw = {**kw, **_to(handed[j][i], self.device)}
         out = self.layers[j](h, **_repeat_batch(kw, n, b), use_cache=False)
+        if self.recording and n == 1 and (rule := hand_on_rule(self.adapter)) is not None:
+            handed.setdefault(j + 1, [None] * len(self.kwargs))[i] = _to(rule(self.layers[j], kw, h, out), self.storage)
         return out[0] if isinstance(out, tuple) else out
 
-    def _capture(self, j: int, h: torch.Tensor, kw: dict, action: LayerAction | None, i: int) -> torch.Tensor:
+    def _capture(self, j: int, h: torch.Tensor, action: LayerAction | None, i: int) -> torch.Tensor:
         """Run MoE layer j on batch i's input h, storing its MLP input and residual (a whole layer: its
         input); returns its output."""
         block = self.blocks[j]
@@ -282,7 +294,7 @@ class GreedySearch:
             return block.wrap_output(y if whole else torch.zeros_like(y))
 
         with forward_replaced(block.module, recorder):
-            out = self._layer(j, h, kw)
+            out = self._layer(j, h, i)
         self.x.setdefault(j, [None] * len(self.kwargs))[i] = record["x"].to(self.storage)
         if whole:
             self.inp[j][i] = h.to(self.storage)
@@ -292,12 +304,12 @@ class GreedySearch:
             return torch.full_like(out, float("nan"))  # fails `_capture_original`'s check
         return out + record["y"].reshape(out.shape)
 
-    def _capture_original(self, j: int, h: torch.Tensor, kw: dict, i: int) -> torch.Tensor:
+    def _capture_original(self, j: int, h: torch.Tensor, i: int) -> torch.Tensor:
         """`_capture` in the original pass; on the first batch it also tells whether layer j is of the
         residual form (else it becomes a whole layer: its input is cached instead of h_mid)."""
-        out = self._capture(j, h, kw, None, i)
+        out = self._capture(j, h, None, i)
         if i == 0:
-            direct = self._layer(j, h, kw)
+            direct = self._layer(j, h, i)
             tol = 1e-4 if direct.dtype == torch.float32 else 2e-2
             err = (direct.float() - out.float()).abs().max().item()
             if not err <= tol * max(direct.float().abs().max().item(), 1.0):  # NaN: not comparable
@@ -316,25 +328,27 @@ class GreedySearch:
             return block.wrap_output(mlp(x))
 
         with forward_replaced(block.module, forward):
-            return self._layer(m, self.inp[m][i].to(self.device), self.kwargs[i])
+            return self._layer(m, self.inp[m][i].to(self.device), i)
 
     @torch.no_grad()
     def _original_pass(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         """One pass of the original model: caches (x, h_mid) of every MoE layer, routing statistics."""
         moe = set(self.moe_ids)
         hidden = list(hidden)
+        self.recording = True
         for j in progress(range(self.num_layers), "caching layer states"):
             if j in moe:
                 self.stats[j] = RoutingMass.zeros(self.blocks[j].num_experts)
-            for i, kw in enumerate(self.kwargs):
+            for i in range(len(self.kwargs)):
                 h = hidden[i].to(self.device)
                 if j in moe:
-                    out = self._capture_original(j, h, kw, i)
+                    out = self._capture_original(j, h, i)
                     self.stats[j].update(self.blocks[j], self.x[j][i].to(self.device))
                 else:
-                    out = self._layer(j, h, kw)
+                    out = self._layer(j, h, i)
                 hidden[i] = out.to(self.storage)
             self.counts.layer_forwards += 1
+        self.recording = False
         return hidden
 
     # ---- scoring candidates --------------------------------------------------------------------
@@ -347,7 +361,7 @@ class GreedySearch:
             for g in range(0, len(order), self.candidates_per_forward):
                 group = order[g : g + self.candidates_per_forward]
                 sums = dict.fromkeys(group, 0.0)
-                for i, kw in enumerate(self.kwargs):
+                for i in range(len(self.kwargs)):
                     b = self.input_ids[i].shape[0]
                     stack: torch.Tensor | None = None
                     members: list[int] = []
@@ -358,7 +372,7 @@ class GreedySearch:
                             stack = torch.cat(new if stack is None else [stack, *new])
                             members += joining
                         if j + 1 < self.num_layers:
-                            stack = self._layer(j + 1, stack, kw, len(members))
+                            stack = self._layer(j + 1, stack, i, len(members))
                     for pos, c in enumerate(members):
                         sums[c] += self.scorer.batch_sum(i, stack[pos * b : (pos + 1) * b])
                 for c in group:
@@ -479,7 +493,7 @@ class GreedySearch:
         refs, shared, routed = [], [], []
         for i, x in enumerate(self.x[layer]):
             x = x.to(self.device)
-            refs.append(HiddenReference(flat(self._layer(layer, self.inp[layer][i].to(self.device), self.kwargs[i]))))
+            refs.append(HiddenReference(flat(self._layer(layer, self.inp[layer][i].to(self.device), i))))
             shared.append(block.shared_out(x.reshape(-1, hsize)))
             routed.append(torch.zeros(x.numel() // hsize, hsize, dtype=x.dtype, device=self.device))
         self.counts.layer_forwards += 1
@@ -521,10 +535,12 @@ class GreedySearch:
     def _advance(self, m: int, context: Mapping[int, LayerAction]) -> None:
         """Refresh the cached (x, h_mid) of the MoE layers after m for the model under `context`."""
         moe = set(self.moe_ids)
-        for i, kw in enumerate(self.kwargs):
+        self.recording = True
+        for i in range(len(self.kwargs)):
             h = self._layer_candidate(m, context[m]).hidden(i)
             for j in range(m + 1, self.num_layers):
-                h = self._capture(j, h, kw, context.get(j), i) if j in moe else self._layer(j, h, kw)
+                h = self._capture(j, h, context.get(j), i) if j in moe else self._layer(j, h, i)
+        self.recording = False
         self.counts.layer_forwards += self.num_layers - 1 - m + (m in self.whole)
 
     @torch.no_grad()

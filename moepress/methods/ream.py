@@ -175,7 +175,7 @@ def ream(
         layer = layers[i].to(device)
         try:
             if i not in stats.layers:
-                run_layer(layer, inputs, device)
+                run_layer(layer, inputs, device, index=i)
                 continue
             if i not in moe_ids:
                 raise MoepressError(f"ream: layer {i} of the statistics is not an MoE layer of this model")
@@ -190,7 +190,7 @@ def ream(
 
             handle = block.module.register_forward_pre_hook(hook, with_kwargs=True)
             try:
-                run_layer(layer, inputs, device, replace=not sequential)
+                run_layer(layer, inputs, device, replace=not sequential, index=i)
             finally:
                 handle.remove()
             allx = torch.cat(seen)
@@ -199,7 +199,8 @@ def ream(
                                                              gate_similarity)
             scores[i], collected[i] = floats(sal), s.tokens
             if sequential:  # the next layer sees what the merged layer outputs
-                run_layer(merged_copy(model, layer, block, stats, i, groups, reps, merges), inputs, device)
+                run_layer(merged_copy(model, layer, block, stats, i, groups, reps, merges), inputs, device,
+                          index=i)
         finally:
             layers[i] = layer.to(home)
     return selection(

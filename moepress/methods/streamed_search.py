@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moepress.calibrate.runner import _to, capture_inputs
+from moepress.calibrate.runner import capture_inputs
 from moepress.methods.greedy_search import ForwardCounts, GreedySearch, LayerStep, RoutingMass
 from moepress.methods.scoring import FinalHiddenScorer, Metric, NextTokenScorer, check_metric
 from moepress.methods.simulate import actions_applied
@@ -97,7 +97,7 @@ class StreamedGreedySearch(GreedySearch):
         inputs = capture_inputs(self.model, input_ids, batch_size, self.adapter, stream.rest_device,
                                 storage=self.storage)
         self.hidden0 = inputs.hidden
-        self.kwargs = [_to(kw, self.device) for kw in inputs.kwargs]
+        self.kwargs = inputs.kwargs_on(self.device)  # per layer and batch
         self.stats: dict[int, RoutingMass] = {}
         self.x: dict[int, list[torch.Tensor]] = {}
         self.mid: dict[int, list[torch.Tensor]] = {}
@@ -144,10 +144,10 @@ class StreamedGreedySearch(GreedySearch):
         with actions_applied(self.blocks, context):
             for g in range(0, len(order), self.candidates_per_forward):
                 group = order[g : g + self.candidates_per_forward]
-                for i, kw in enumerate(self.kwargs):
+                for i in range(len(self.kwargs)):
                     b = self.input_ids[i].shape[0]
                     stack = torch.cat([inflight[c][i].to(self.device) for c in group])
-                    out = self._layer(j, stack, kw, len(group))
+                    out = self._layer(j, stack, i, len(group))
                     for pos, c in enumerate(group):
                         inflight[c][i] = out[pos * b : (pos + 1) * b].to(self.storage)
         self.counts.layer_forwards += len(order)
@@ -184,16 +184,18 @@ class StreamedGreedySearch(GreedySearch):
             self._load(j)
             try:
                 self._run_inflight(j, inflight, None)
-                for i, kw in enumerate(self.kwargs):
+                self.recording = True  # the original model, in order: keep the state layers hand on
+                for i in range(len(self.kwargs)):
                     h = hidden[i].to(self.device)
                     if j in wanted:
                         if i == 0:
                             self.stats[j] = RoutingMass.zeros(self.blocks[j].num_experts)
-                        out = self._capture_original(j, h, kw, i)
+                        out = self._capture_original(j, h, i)
                         self.stats[j].update(self.blocks[j], self.x[j][i].to(self.device))
                     else:
-                        out = self._layer(j, h, kw)
+                        out = self._layer(j, h, i)
                     hidden[i] = out.to(self.storage)
+                self.recording = False
                 self.counts.layer_forwards += 1
                 if j in wanted:
                     actions[j] = decide(j)
@@ -239,11 +241,13 @@ class StreamedGreedySearch(GreedySearch):
                 if j == last:
                     current = self._candidate_hidden(last, chosen[last])
                 elif j > last:
-                    for i, kw in enumerate(self.kwargs):
+                    self.recording = True  # the model under the chosen actions, in order
+                    for i in range(len(self.kwargs)):
                         h = current[i].to(self.device)
                         # chosen layers are candidate layers, whose capture applies their action
-                        out = self._capture(j, h, kw, chosen.get(j), i) if j in wanted else self._layer(j, h, kw)
+                        out = self._capture(j, h, chosen.get(j), i) if j in wanted else self._layer(j, h, i)
                         current[i] = out.to(self.storage)
+                    self.recording = False
                     self.counts.layer_forwards += 1
                 if j in joining:
                     inflight[j] = self._candidate_hidden(j, actions[j])

@@ -246,6 +246,22 @@ class MoEBlock:
     # router rows after the E routed experts' rows that score something else (Inkling's shared experts,
     # LongCat-Flash's identity experts): a pruned router must keep them, after the kept experts' rows
     extra_router_rows = 0
+    # the module under which surgery finds the router and experts when `module` is only a view the decoder
+    # layer calls (Gemma 4: they are children of the decoder layer itself, whose path is empty); None: `module`
+    owner = None  # nn.Module | None; a class attribute, not a dataclass field
+    # a condensed block keeps the family's block, router and shared experts included, with only its experts
+    # replaced by fixed-weight ones (`FixedWeightExperts`): for a shared output that depends on routing
+    condense_keeps_router = False
+    # the block's router and experts classes take sizes, not a config: a pruned layer takes them from
+    # the family's block built (from a config) at the new expert count
+    sized_by_block = False
+    # names (under the block) of the modules holding the experts when they are several, in the order
+    # the block runs them, each as part(rows sorted by expert, rows per expert) (an input and an
+    # output projection per expert); `experts.module` is the first. Empty: the experts are one module
+    expert_parts = ()
+    # a bias the block adds to its output, always on like shared experts (`shared_out` includes it): a
+    # condensed block that keeps its shared part keeps it as its down_proj bias
+    output_bias = None
 
     def wrap_output(self, out: torch.Tensor):
         """`out` in the form the decoder layer expects from this block."""
@@ -444,6 +460,23 @@ class Adapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
     num_experts_key: str = "num_experts"  # config field holding the routed expert count
+    # that field also sizes other modules (mixture-of-attention experts), so pruning never changes it: a
+    # pruned model keeps the count and records its experts in `moepress_structure`
+    expert_count_shared: bool = False
+    # state a decoder layer hands the next one: keyword argument of layer j + 1 <- index in layer j's
+    # output tuple (DeepSeek sparse attention's "shared" indexer layers reuse the previous top-k);
+    # layer-by-layer runs pass it on as the model's own loop does
+    carried: dict[str, int] = {}
+    # layer arguments the model's loop derives from earlier layers' inputs (Inkling-2's block states):
+    # `hand_on` computes them; any other argument that depends on earlier layers is refused
+    state_arguments: tuple[str, ...] = ()
+
+    def hand_on(self, layer: nn.Module, kwargs: dict, hidden_in: torch.Tensor, output) -> dict:
+        """The state decoder layer `layer`, called with `kwargs` on `hidden_in`, hands the next layer,
+        as the model's own loop does (by default: `carried` items of its output tuple)."""
+        if not self.carried or not isinstance(output, tuple):
+            return {}
+        return {name: output[k] for name, k in self.carried.items()}
 
     # Published checkpoints store one tensor per expert under these names (see calibrate/streaming.py).
     legacy_expert_names: dict[str, str] = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -472,6 +505,12 @@ class Adapter:
     # ---- convenience over the whole model ------------------------------------------------------
     def moe_layer_ids(self, model: nn.Module) -> list[int]:
         return [i for i, layer in enumerate(self.layers(model)) if self.is_moe(layer)]
+
+    def unviewed_moe_layers(self, model: nn.Module) -> dict[int, str]:
+        """MoE layers the expert view leaves out, each with the one-line reason: every method keeps
+        them as they are, and they keep the config's routed-expert count (DeepSeek-V4's hash-routed
+        layers). Empty for most families."""
+        return {}
 
     def blocks(self, model: nn.Module) -> dict[int, MoEBlock]:
         layers = self.layers(model)

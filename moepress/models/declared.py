@@ -72,6 +72,10 @@ class Family:
     store: Callable[[nn.Module], ExpertStore] = TransformersExperts
     tiny: dict[str, Any] | Callable[[Any], None] = field(default_factory=dict)
     returns_tuple: bool = False  # the block returns (output, router scores): gpt-oss, Llama-4
+    carried: dict[str, int] = field(default_factory=dict)  # see `Adapter.carried`
+    # see `Adapter.state_arguments` / `hand_on`: (layer, kwargs, hidden_in, output) -> next layer's state
+    state_arguments: tuple[str, ...] = ()
+    hand_on: Callable[[nn.Module, dict, Any, Any], dict] | None = None
     note: str = ""
 
 
@@ -83,6 +87,10 @@ class DeclaredAdapter(Adapter):
         self.family = spec.name
         self.model_types = spec.model_types
         self.num_experts_key = spec.num_experts_key
+        self.carried = spec.carried
+        self.state_arguments = spec.state_arguments
+        if spec.hand_on is not None:
+            self.hand_on = spec.hand_on
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.spec.layers)

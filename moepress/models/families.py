@@ -49,17 +49,6 @@ def is_transformers_moe(model_type: str) -> bool:
 
 # MoE model types of transformers that moepress has no adapter for yet, with the reason (shown to users).
 NO_ADAPTER_YET: dict[str, str] = {
-    "jetmoe": "JetMoE's MoE block runs its router and two parallel-expert modules (built from sizes, not a "
-    "config) on per-expert token counts, so a pruned block has no place for novice slots and a condensed "
-    "one would lose its output bias; its expert count also sizes the attention experts",
-    "deepseek_v4": "DeepSeek-V4's hash-routed layers pick experts by token id, which the expert view "
-    "cannot see; pruning them needs the hash table renumbered",
-    "gemma4": "Gemma 4's router and experts are direct children of the decoder layer, mixed into its "
-    "forward next to the dense MLP, not one replaceable block",
-    "gemma4_text": "Gemma 4's router and experts are direct children of the decoder layer, mixed into its "
-    "forward next to the dense MLP, not one replaceable block",
-    "inkling_text": "Inkling's router scores the shared experts too (E + shared rows) and scales them "
-    "per token, so its shared output depends on routing",
     "zaya": "ZAYA's router is an MLP that takes state carried from the previous layer and has an extra "
     "skip-expert row",
 }
@@ -108,15 +97,17 @@ def families_table() -> list[dict[str, str]]:
         layers = adapter.layers(model)
         i = adapter.moe_layer_ids(model)[0]
         block = adapter.block(i, layers[i])
-        mlp = next(n for n, m in layers[i].named_modules() if m is block.module)
+        owner = block.module if block.owner is None else block.owner  # a view's pieces hang on the layer
+        mlp = next(n for n, m in layers[i].named_modules() if m is owner)
         shared = "—" if block.shared is None else ("gated" if block.shared_gate is not None else "yes")
         rows.append({
             "family": adapter.family,
             "model types": ", ".join(f"`{t}`" for t in adapter.model_types),
-            "MoE block": f"`layers[i].{mlp}`",
+            "MoE block": f"`layers[i].{mlp}`" if mlp else "`layers[i]` (router, experts)",
             "shared experts": shared,
             "routing": routing_description(block),
-            "condensed to": "dense MLP" if block.condenses_to_dense else "experts class",
+            "condensed to": "experts class, router kept" if block.condense_keeps_router
+            else "dense MLP" if block.condenses_to_dense else "experts class",
         })
     return sorted(rows, key=lambda r: r["family"])
 

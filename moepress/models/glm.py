@@ -22,5 +22,7 @@ for _name in ("glm4_moe", "glm4_moe_lite", "glm_moe_dsa"):
         num_experts_key="n_routed_experts",
         shared="shared_experts",
         correction_bias="e_score_correction_bias",
-        tiny=moe_tiny(),
+        # GLM-5's "shared" indexer layers reuse the previous layer's top-k tokens
+        carried={"prev_topk_indices": 1} if _name == "glm_moe_dsa" else {},
+        tiny=moe_tiny(indexer_types=["full", "shared", "full"]) if _name == "glm_moe_dsa" else moe_tiny(),
     ))

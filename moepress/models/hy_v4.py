@@ -5,8 +5,8 @@ The routed experts' activation is a clamped SwiGLU (`HYV4Experts._apply_gate`: g
 above and up clamped to ±`swiglu_limit`, then silu(gate)·up), which `TransformersExperts` runs
 through the experts module itself. Dense/MoE per layer from `mlp_layer_types`. Decoder layers
 carry 4 hyper-connection streams and return `(hidden, topk_indices)`; a `"shared"` indexer layer
-reuses the previous layer's top-k (`prev_topk_indices`), which layer-by-layer calibration does not
-pass on yet, so the tiny model uses full indexers only.
+reuses the previous layer's top-k (`prev_topk_indices`), which layer-by-layer runs carry from layer
+to layer (`carried`); the tiny model has one shared layer.
 """
 
 from __future__ import annotations
@@ -22,5 +22,6 @@ declare(Family(
     shared="shared_experts",
     correction_bias="e_score_correction_bias",
     norm=("model.hc_head", "model.norm"),  # the 4 streams collapse, then the final norm
-    tiny=moe_tiny(index_topk=4, index_head_dim=8, index_n_heads=2, indexer_types=["full"] * 3),
+    carried={"prev_topk_indices": 1},
+    tiny=moe_tiny(index_topk=4, index_head_dim=8, index_n_heads=2, indexer_types=["full", "shared", "full"]),
 ))

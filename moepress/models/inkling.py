@@ -1,4 +1,4 @@
-"""Inkling text decoder (`inkling_text`): block view and tiny config, NOT registered yet.
+"""Inkling text decoder (`inkling_text`): block view, tiny config and registration.
 
 Quirks spelled out here:
 - The router `gate` has `n_routed_experts + n_shared_experts` rows: the last `n_shared_experts` rows
@@ -12,9 +12,14 @@ Quirks spelled out here:
 - Each decoder layer runs a short convolution (`mlp_sconv`) on the MLP output before the residual.
 - Dense layers are the "dense" entries of `mlp_layer_types` (`dense_mlp_idx`).
 
-Why not registered: pruning must keep the router's last `n_shared_experts` rows after the kept
-experts' rows, which surgery (slicing router tensors whose first dimension is E) cannot do yet; a
-condensed block has no router left to compute the shared experts' gammas.
+Pruning keeps the router's last `n_shared_experts` rows after the kept experts' rows
+(`extra_router_rows`); the shared gammas of a pruned layer are then normalised against the kept experts
+chosen, exactly as `InklingBlock.route(active=...)` computes. Novices take router slots like kept experts
+(their logits join the gammas' normalisation as in the pruned router). A condensed layer keeps the whole
+block, router and shared experts included (`condense_keeps_router`): its routed experts become the
+chosen ones at fixed weights (`FixedWeightExperts`) and the full router still gives the shared experts'
+per-token gammas, so the shared output is exactly the original's (cost: the router's [E + S, H] GEMM
+and its bytes). Such a layer must keep its shared experts (`keep_shared=False` is refused).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch.nn.functional as F
 
 from moepress.errors import MoepressError
 from moepress.models.base import MoEBlock, RouteResult, Routing
-from moepress.models.declared import Family
+from moepress.models.declared import Family, declare
 
 
 @dataclass
@@ -54,9 +59,16 @@ class InklingBlock(MoEBlock):
         gate = self.shared.up_proj
         return gate.shape[0] * gate.shape[1]
 
+    condense_keeps_router = True  # the shared experts' gammas depend on routing: the router stays
+
     @property
     def condenses_to_dense(self) -> bool:
         return False  # the shared experts' gammas depend on routing: no fixed dense MLP reproduces them
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        if e >= self.num_experts:  # the router's trailing rows are the shared experts, never routed to
+            raise MoepressError(f"layer {self.layer_idx}: id {e} is a shared expert's router row, not a routed expert")
+        return super().expert(x, e)
 
     def route(self, x, active=None, logits=None) -> InklingRoute:
         r, n_experts = self.routing, self.num_experts
@@ -106,8 +118,7 @@ def _tiny(cfg) -> None:
         setattr(cfg, key, value)
 
 
-# declare(SPEC) once surgery keeps `extra_router_rows` (see the module docstring)
-SPEC = Family(
+SPEC = declare(Family(
     name="inkling_text",
     model_types=("inkling_text",),
     routing=inkling_routing,
@@ -116,4 +127,4 @@ SPEC = Family(
     correction_bias="e_score_correction_bias",
     block_cls=InklingBlock,
     tiny=_tiny,
-)
+))

@@ -12,6 +12,8 @@ Quirks spelled out here:
 
 from __future__ import annotations
 
+import torch
+
 from moepress.models.base import Routing
 from moepress.models.declared import Family, declare
 
@@ -27,6 +29,15 @@ def inkling2_routing(router, config) -> Routing:
     )
 
 
+def hand_on_block_states(layer, kwargs: dict, hidden_in, output) -> dict:
+    """Inkling-2's loop: a block-boundary layer appends the hidden states entering it to the block
+    states every later layer reads (its attention and MLP inputs mix them)."""
+    states = kwargs["block_states"]
+    if getattr(layer, "is_block_boundary", False):
+        states = torch.cat([states.to(hidden_in.device), hidden_in.unsqueeze(-2)], dim=-2)
+    return {"block_states": states}
+
+
 # the LM head has `unpadded_vocab_size` rows (padded to `vocab_size` on disk)
 _TINY = dict(layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"], unpadded_vocab_size=128)
 
@@ -36,6 +47,8 @@ declare(Family(
     routing=inkling2_routing,
     num_experts_key="n_routed_experts",
     correction_bias="e_score_correction_bias",
+    state_arguments=("block_states",),
+    hand_on=hand_on_block_states,
     tiny=_TINY,
 ))
 declare(Family(
@@ -44,5 +57,7 @@ declare(Family(
     routing=inkling2_routing,
     num_experts_key="n_routed_experts",
     correction_bias="e_score_correction_bias",
+    state_arguments=("block_states",),
+    hand_on=hand_on_block_states,
     tiny=_TINY,
 ))

@@ -23,6 +23,12 @@ from transformers.activations import ACT2FN
 STRUCTURE_VERSION = 1
 
 
+def module_path(*parts: str) -> str:
+    """A dotted path from `parts`, empty ones skipped (a block whose router and experts are children of
+    the decoder layer itself has the empty path: Gemma 4)."""
+    return ".".join(p for p in parts if p)
+
+
 def register_weight_conversions(model_type: str, source_model_type: str) -> None:
     """Let transformers convert a checkpoint of `model_type` as it converts its source family's.
 
@@ -102,6 +108,46 @@ class NoviceExperts(nn.Module):
         return out + (novice_weight @ self.novices.float()).to(out.dtype).reshape(out.shape)
 
 
+class SplitNoviceExperts(nn.Module):
+    """One of the modules holding a pruned layer's experts when the block runs several in sequence, each
+    as `part(rows, rows_per_slot)` (rows sorted by router slot, e.g. an input and an output projection
+    per expert), and the router also keeps novice slots. `kept` is the family's own class holding only
+    the kept experts and gets their slots' rows; a novice slot's rows come out as its vector from the
+    last part (which holds `novices`, then weighted and summed by the block) and as zeros from an
+    earlier part (the last part ignores what they carry). The slot maps are plain lists, as in
+    `NoviceExperts`."""
+
+    def __init__(self, kept: nn.Module, novice_slots: list[int], n_slots: int, hidden_size: int | None):
+        super().__init__()
+        self.kept = kept
+        novice = set(novice_slots)
+        self.slot_is_novice = [s in novice for s in range(n_slots)]
+        self.slot_novice = {s: j for j, s in enumerate(novice_slots)}
+        # only the last part carries the novices' vectors (hidden_size given)
+        self.novices = None if hidden_size is None else nn.Parameter(torch.empty(len(novice_slots), hidden_size))
+
+    def forward(self, inputs: torch.Tensor, rows_per_slot) -> torch.Tensor:
+        sizes = [int(n) for n in rows_per_slot]
+        chunks = inputs.split(sizes, dim=0)
+        kept_sizes = [n for n, novice in zip(sizes, self.slot_is_novice, strict=True) if not novice]
+        kept_out = None
+        if kept_sizes:  # one call of the family's experts on the kept slots' rows, in slot order
+            rows = [c for c, novice in zip(chunks, self.slot_is_novice, strict=True) if not novice]
+            kept_out = self.kept(torch.cat(rows), kept_sizes).split(kept_sizes, dim=0)
+        # an earlier part's novice rows: zeros of the kept experts' width (the input's if none is kept)
+        width = inputs.shape[-1] if kept_out is None else kept_out[0].shape[-1]
+        dtype = inputs.dtype if kept_out is None else kept_out[0].dtype
+        out, kept_iter = [], iter(kept_out or ())
+        for s, chunk in enumerate(chunks):
+            if not self.slot_is_novice[s]:
+                out.append(next(kept_iter))
+            elif self.novices is not None:
+                out.append(self.novices[self.slot_novice[s]].to(dtype).expand(chunk.shape[0], -1))
+            else:
+                out.append(chunk.new_zeros(chunk.shape[0], width, dtype=dtype))
+        return torch.cat(out)
+
+
 class ConstantExpert(nn.Module):
     """A novice in ModuleList expert storage: its output is its vector for every token, so the
     block's own `weight * expert(x)` becomes `weight * vector`."""
@@ -151,6 +197,7 @@ class CondensedMLP(nn.Module):
         gated: bool = True,
         post_norm: nn.Module | None = None,
         post_norm_name: str | None = None,
+        output_bias: bool = False,
     ):
         super().__init__()
         rows = shared_rows + routed_rows
@@ -158,7 +205,8 @@ class CondensedMLP(nn.Module):
         # non-gated experts (NemotronH's relu² MLPs) are down(act(up x)): no gate_proj
         self.gate_proj = nn.Linear(hidden_size, rows, bias=False) if gated else None
         self.up_proj = nn.Linear(hidden_size, rows, bias=False)
-        self.down_proj = nn.Linear(rows, hidden_size, bias=False)
+        # a block that adds a bias to its output keeps it here (`output_bias`)
+        self.down_proj = nn.Linear(rows, hidden_size, bias=output_bias)
         self.shared_gate = nn.Linear(hidden_size, 1, bias=False) if shared_gate else None
         self.act_fn = ACT2FN[hidden_act]
         self.post_norm_name = _add_post_norm(self, post_norm, post_norm_name)
@@ -220,6 +268,26 @@ class CondensedExperts(nn.Module):
         return (out, None) if self.returns_tuple else out
 
 
+class FixedWeightExperts(nn.Module):
+    """The experts module of a condensed block that keeps its router, because the block's shared output
+    depends on the routing (Inkling's per-token shared scales): the family's own experts class holding
+    only the chosen experts, every token sent to all of them at their fixed weights, whatever indices
+    and weights the router passes. The block around it (router, shared experts) stays as it was."""
+
+    def __init__(self, experts: nn.Module, n_experts: int):
+        super().__init__()
+        self.experts = experts
+        self.weights = nn.Parameter(torch.empty(n_experts))
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        n, k = flat.shape[0], self.weights.shape[0]
+        if not k:
+            return torch.zeros_like(hidden_states)
+        index = torch.arange(k, device=flat.device).expand(n, k)
+        return self.experts(flat, index, self.weights.to(flat.dtype).expand(n, k)).reshape(hidden_states.shape)
+
+
 class DroppedMLP(nn.Module):
     """A dropped MoE block: contributes nothing, so the decoder layer keeps only its residual."""
 
@@ -266,7 +334,7 @@ def build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[s
     """Empty replacement modules for one changed layer, by path under the layer (weights load later);
     a whole-block replacement returns (output, None) where the family's block returns a pair."""
     modules = _build_layer(config, structure, layer, spec)
-    if structure.get("returns_tuple") and spec["action"] in ("condense", "drop"):
+    if structure.get("returns_tuple") and structure["mlp"] in modules and spec["action"] in ("condense", "drop"):
         modules[structure["mlp"]].returns_tuple = True
     return modules
 
@@ -282,7 +350,14 @@ def _build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[
     action = spec["action"]
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if action == "drop":
-        return {mlp_path: DroppedMLP()}
+        # a block on the layer itself (empty path) keeps the router the layer calls; its experts give 0
+        return {mlp_path or structure["experts"]: DroppedMLP()}
+    if action == "condense" and spec.get("form") == "routed":  # the block keeps its router and shared experts
+        old = layer.get_submodule(module_path(mlp_path, structure["experts"]))
+        experts = type(old)(sized_config(getattr(old, "config", config), structure["num_experts_key"], spec["experts"]))
+        if hasattr(old, "config"):
+            experts.config = old.config
+        return {module_path(mlp_path, structure["experts"]): FixedWeightExperts(experts, spec["experts"])}
     if action == "condense" and spec.get("form") == "experts":
         mlp = layer.get_submodule(mlp_path)
         old = mlp.get_submodule(structure["experts"])
@@ -303,6 +378,7 @@ def _build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[
             spec["shared_gate"],
             spec.get("gated", True),
             *_block_post_norm(layer.get_submodule(mlp_path), structure),
+            output_bias=spec.get("output_bias", False),
         )
         return {mlp_path: module}
     if action != "prune":
@@ -312,7 +388,17 @@ def _build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[
     novice_slots = [s for s, e in enumerate(active) if e in novices]
     n_kept = len(active) - len(novice_slots)
     key = structure["num_experts_key"]
-    router = type(mlp.get_submodule(structure["router"]))(sized_config(config, key, len(active)))
+    router = _sized(mlp, structure["router"], config, structure, len(active))
+    parts = structure.get("expert_parts")
+    if parts:  # the experts live in several modules of the block, run in sequence
+        modules = {module_path(mlp_path, structure["router"]): router}
+        for j, part in enumerate(parts):
+            kept = _sized(mlp, part, config, structure, n_kept)
+            if novice_slots:
+                last = j == len(parts) - 1
+                kept = SplitNoviceExperts(kept, novice_slots, len(active), config.hidden_size if last else None)
+            modules[module_path(mlp_path, part)] = kept
+        return modules
     old = mlp.get_submodule(structure["experts"])
     if isinstance(old, nn.ModuleList):
         reused = iter(list(old)[:n_kept])
@@ -329,7 +415,17 @@ def _build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[
             experts.config = old.config
         if novice_slots:
             experts = NoviceExperts(experts, novice_slots, config.hidden_size)
-    return {f"{mlp_path}.{structure['router']}": router, f"{mlp_path}.{structure['experts']}": experts}
+    return {module_path(mlp_path, structure["router"]): router, module_path(mlp_path, structure["experts"]): experts}
+
+
+def _sized(mlp: nn.Module, path: str, config, structure: dict, n: int) -> nn.Module:
+    """An empty module of the block's class at `path`, for n experts: built from the config by its own
+    class, or, where that class takes sizes (`structure['sized_by_block']`), taken from the family's
+    block built at n experts."""
+    sized = sized_config(config, structure["num_experts_key"], n)
+    if structure.get("sized_by_block"):
+        return type(mlp)(sized).get_submodule(path)
+    return type(mlp.get_submodule(path))(sized)
 
 
 def set_block_tensors(

@@ -8,7 +8,8 @@ Per MoE layer:
   layer has novices), or, for ModuleList storage, the kept modules with a `ConstantExpert` per novice.
   With `merges`, each representative's weights are first overwritten by its merge
   (`surgery.merge`: coefficient-weighted sum of its members' neuron-aligned weights), in place.
-- `condense`: the whole block becomes one `CondensedMLP`.
+- `condense`: the whole block becomes one `CondensedMLP` (or `CondensedExperts`); a block whose shared
+  output depends on routing (`condense_keeps_router`) stays, only its experts become `FixedWeightExperts`.
 - `drop`: the whole block becomes a `DroppedMLP` (residual only).
 
 What a pruned router computes, per family (the scores are over the remaining rows only, so a
@@ -44,7 +45,13 @@ from torch import nn
 from moepress.errors import MoepressError
 from moepress.io.sizes import size_by_component
 from moepress.models import Adapter, MoEBlock, get_adapter
-from moepress.modules.compressed import STRUCTURE_VERSION, build_layer, set_block_tensors, set_num_experts
+from moepress.modules.compressed import (
+    STRUCTURE_VERSION,
+    build_layer,
+    module_path,
+    set_block_tensors,
+    set_num_experts,
+)
 from moepress.plan import CompressionPlan, Condense, Drop, Keep, LayerAction, Prune, model_fingerprint
 from moepress.surgery.merge import write_merges
 
@@ -152,8 +159,15 @@ def uniform_expert_count(
     """The routed-expert count of every MoE layer when the plan's result is expressible in the
     original architecture (same count everywhere, no novices, no condense/drop), else None."""
     adapter = adapter or get_adapter(model)
+    if adapter.expert_count_shared:  # the count also sizes other modules: a pruned model keeps it
+        return None
     layers = adapter.layers(model)
     counts = set()
+    if adapter.unviewed_moe_layers(model):  # layers the view leaves out keep the config's count
+        config = model.config.get_text_config()
+        for name in adapter.num_experts_key.split("."):
+            config = getattr(config, name)
+        counts.add(config)
     for i in adapter.moe_layer_ids(model):
         action = plan.action(i)
         if isinstance(action, Condense | Drop) or (isinstance(action, Prune) and action.novices):
@@ -180,9 +194,14 @@ def describe(
     }
     for i, block in sorted(blocks.items()):
         action = plan.action(i)
-        structure.setdefault("mlp", _path_of(layers[i], block.module))
-        structure.setdefault("router", _path_of(block.module, block.router))
-        structure.setdefault("experts", _path_of(block.module, block.experts.module))
+        owner = block.module if block.owner is None else block.owner  # where the router and experts hang
+        structure.setdefault("mlp", _path_of(layers[i], owner))
+        structure.setdefault("router", _path_of(owner, block.router))
+        structure.setdefault("experts", _path_of(owner, block.experts.module))
+        if block.expert_parts:  # experts spread over several modules of the block
+            structure.setdefault("expert_parts", list(block.expert_parts))
+        if block.sized_by_block:  # the router and experts classes are built from sizes, not a config
+            structure["sized_by_block"] = True
         if block.returns_tuple:
             structure["returns_tuple"] = True
         if getattr(block, "post_norm", None) is not None:  # the block normalises its own output (A.X-K1)
@@ -202,7 +221,9 @@ def describe(
                 structure.setdefault("shared", _path_of(block.module, block.shared))
             if block.shared_gate is not None:
                 structure.setdefault("shared_gate", _path_of(block.module, block.shared_gate))
-            if block.condenses_to_dense:
+            if block.condense_keeps_router:
+                spec = {"action": "condense", "form": "routed", "experts": len(action.experts)}
+            elif block.condenses_to_dense:
                 spec = {
                     "action": "condense",
                     "shared_rows": block.shared_intermediate if keep_shared else 0,
@@ -211,6 +232,8 @@ def describe(
                     "hidden_act": activation_name(block.experts.act_fn, model.config),
                     "gated": block.experts.weights(0)[0] is not None,
                 }
+                if block.output_bias is not None and action.keep_shared:  # always on, like shared experts
+                    spec["output_bias"] = True
             else:
                 spec = {
                     "action": "condense",
@@ -285,7 +308,11 @@ def _kept_experts_state(block: MoEBlock, kept: list[int]) -> dict[str, torch.Ten
     else every tensor whose first dimension is the expert count, sliced."""
     if hasattr(block.experts, "kept_state"):
         return block.experts.kept_state(kept)
-    module, n_experts = block.experts.module, block.num_experts
+    return _kept_rows(block.experts.module, block.num_experts, kept)
+
+
+def _kept_rows(module: nn.Module, n_experts: int, kept: list[int]) -> dict[str, torch.Tensor]:
+    """`module`'s tensors, those with a leading per-expert dimension holding only experts `kept`."""
     index = torch.tensor(kept, dtype=torch.long, device=next(module.parameters()).device)
     return {
         k: t.index_select(0, index) if t.ndim and t.shape[0] == n_experts else t
@@ -312,6 +339,10 @@ def _check_fits(block: MoEBlock, action: LayerAction) -> None:
                 f"plan: layer {i} keeps {n} experts, but group-limited routing needs a multiple of "
                 f"n_group={r.n_group} with at least {r.top_k} experts in the best {r.topk_group} group(s)"
             )
+    if isinstance(action, Condense) and block.condense_keeps_router and block.shared is not None:
+        if not action.keep_shared:
+            raise MoepressError(f"plan: layer {i}'s shared experts are scaled by its router, so a condensed "
+                                "layer keeps them (keep_shared=true)")
     if isinstance(action, Condense) and block.shared is not None and action.keep_shared:
         projections = [getattr(block.shared, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
         if any(getattr(p, "bias", None) is not None for p in projections):
@@ -335,6 +366,11 @@ def _layer_state(
     if isinstance(action, Drop):
         return {}
     if isinstance(action, Condense):
+        if block.condense_keeps_router:  # the block stays; its experts become the chosen ones at fixed weights
+            experts = module_path(mlp, structure["experts"])
+            state = {f"{experts}.experts.{k}": t for k, t in _kept_experts_state(block, action.experts).items()}
+            state[f"{experts}.weights"] = torch.tensor(action.weights, dtype=dtype, device=device)
+            return state
         if not block.condenses_to_dense:
             return _condensed_experts_state(block, action, structure)
         rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
@@ -355,13 +391,15 @@ def _layer_state(
             state[f"{mlp}.gate_proj.weight"] = torch.cat(gates)
         if keep_shared and block.shared_gate is not None:
             state[f"{mlp}.shared_gate.weight"] = block.shared_gate.weight
+        if block.output_bias is not None and action.keep_shared:  # the block's own output bias, always on
+            state[f"{mlp}.down_proj.bias"] = block.output_bias
         return state | _post_norm_state(block, structure)
 
     write_merges(block.experts, action.merges, alignments or {}, block.layer_idx)
     n_experts = block.num_experts
     active = sorted(action.keep_experts + action.novices)
-    router = f"{mlp}.{structure['router']}"
-    experts = f"{mlp}.{structure['experts']}"
+    router = module_path(mlp, structure["router"])
+    experts = module_path(mlp, structure["experts"])
     state = {}
     extra = block.extra_router_rows  # LongCat-Flash's identity experts: rows kept after the kept experts'
     for k, t in block.router.state_dict().items():
@@ -381,8 +419,15 @@ def _layer_state(
             else:
                 state.update({f"{experts}.{slot}.{k}": t for k, t in module[e].state_dict().items()})
         return state
-    prefix = f"{experts}.kept" if action.novices else experts
-    state.update({f"{prefix}.{k}": t for k, t in _kept_experts_state(block, action.keep_experts).items()})
+    if block.expert_parts:  # several experts modules: each keeps the kept experts' rows, the last the novices
+        for part in block.expert_parts:
+            prefix = module_path(mlp, part, "kept" if action.novices else "")
+            kept = _kept_rows(block.module.get_submodule(part), n_experts, action.keep_experts)
+            state.update({f"{prefix}.{k}": t for k, t in kept.items()})
+        experts = module_path(mlp, block.expert_parts[-1])
+    else:
+        prefix = f"{experts}.kept" if action.novices else experts
+        state.update({f"{prefix}.{k}": t for k, t in _kept_experts_state(block, action.keep_experts).items()})
     if action.novices:
         state[f"{experts}.novices"] = torch.stack([novices[e] for e in action.novices]).to(
             device=device, dtype=dtype
