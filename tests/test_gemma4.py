@@ -76,13 +76,17 @@ def test_block_matches_stock_model_and_surgery(model_type):
 
 
 def test_calibration_sees_every_moe_layer():
-    """Layer-by-layer statistics reach every view; layer 0's equal those of whole-model forwards (later
-    layers get layer 0's per-layer inputs and mask from the runner, see moepress.models.gemma4)."""
+    """Layer-by-layer statistics reach every view and equal those of whole-model forwards on every layer
+    (each layer gets its own per-layer input, mask and rotary table; the full-attention layer has its own
+    head size)."""
     model = _random_model("gemma4_text")
+    heads = {layer.self_attn.head_dim for layer in get_adapter(model).layers(model)}
+    assert len(heads) == 2 and model.model.embed_tokens_per_layer is not None
     layered = calibrate(model, IDS, batch_size=1).stats.layers
     hooked = calibrate_hooked(model, IDS, batch_size=1).layers
     assert sorted(layered) == sorted(hooked) == get_adapter(model).moe_layer_ids(model)
     for stats in [*layered.values(), *hooked.values()]:
         assert int(stats.count.sum()) == IDS.numel() * 2  # every token routed to its top-2
-    torch.testing.assert_close(layered[0].out_mean, hooked[0].out_mean)
-    torch.testing.assert_close(layered[0].weight_sum, hooked[0].weight_sum)
+    for i in layered:
+        torch.testing.assert_close(layered[i].out_mean, hooked[i].out_mean)
+        torch.testing.assert_close(layered[i].weight_sum, hooked[i].weight_sum)

@@ -10,8 +10,9 @@ import torch.multiprocessing as mp
 
 from moepress.calibrate import CalibrationStats, calibrate
 from moepress.calibrate.resume import calibrate_resumable, partial_dir
-from moepress.calibrate.streaming import calibrate_streaming
-from moepress.testing import tiny_model
+from moepress.calibrate.streaming import calibrate_streaming, skeleton
+from moepress.errors import MoepressError
+from moepress.testing import TINY_FAMILIES, declared_families, tiny_model
 
 from .test_calibrate import assert_stats_close
 
@@ -20,13 +21,43 @@ def _ids(seed=0, n=6, length=16):
     return torch.randint(3, 128, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["deepseek_v2", "qwen2_moe", "mixtral"])
+# gemma4_text: non-persistent buffers (embedding scales, per-layer-type rotary tables) and a tied head, in no checkpoint
+@pytest.mark.parametrize("family", ["deepseek_v2", "qwen2_moe", "mixtral", "gemma4_text"])
 def test_streaming_equals_in_memory(tmp_path, family):
     model = tiny_model(family)
     model.save_pretrained(tmp_path)  # per-expert tensors on disk, as published checkpoints
     ids = _ids()
     streamed = calibrate_streaming(tmp_path, ids, batch_size=4).stats
     assert_stats_close(streamed, calibrate(model, ids, batch_size=4).stats, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", [*TINY_FAMILIES, *declared_families()])
+def test_streamed_skeleton_buffers_are_the_models_own(tmp_path, family):
+    """Every non-persistent buffer (in no checkpoint) is what the model's own init computes, and the
+    skeleton holds no memory."""
+    model = tiny_model(family)
+    model.config.save_pretrained(tmp_path)
+    built = skeleton(tmp_path, torch.float32)
+    assert all(t.is_meta for t in [*built.model.parameters(), *built.model.buffers()])
+    for name, buf in model.named_buffers():
+        if name not in model.state_dict():
+            want = built.buffers[name]
+            assert want.dtype == buf.dtype and torch.equal(want, buf), name
+
+
+def test_a_buffer_derived_from_the_weights_is_refused(tmp_path, monkeypatch):
+    from transformers.models.olmoe import modeling_olmoe
+
+    tiny_model("olmoe").config.save_pretrained(tmp_path)
+    init = modeling_olmoe.OlmoeRMSNorm.__init__
+
+    def derived(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.register_buffer("weight_sum", self.weight.sum(), persistent=False)
+
+    monkeypatch.setattr(modeling_olmoe.OlmoeRMSNorm, "__init__", derived)
+    with pytest.raises(MoepressError, match="weight_sum.*derives from the weights"):
+        skeleton(tmp_path, torch.float32)
 
 
 def _rank_main(rank: int, world: int, port: int, out: str) -> None:

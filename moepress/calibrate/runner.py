@@ -350,7 +350,7 @@ def _collect(block: MoEBlock, stats: LayerStats, stats_path: StatsPath, seen: li
                 else:
                     stats.add_routes(route, routes)
                     return out
-            stats.update(block, hidden_states)
+            stats.update(block.bind(hidden_states, *args, **kwargs), hidden_states)  # routed as this call is
             return own_forward(hidden_states, *args, **kwargs)
 
         block.module.forward = forward  # an instance attribute shadows the class's forward
@@ -360,7 +360,7 @@ def _collect(block: MoEBlock, stats: LayerStats, stats_path: StatsPath, seen: li
 
     def hook(_module, args, kwargs):
         x = (args[0] if args else kwargs["hidden_states"]).reshape(-1, block.hidden_size)
-        update(block, x)
+        update(block.bind(*args, **kwargs), x)
         if seen is not None:
             seen.append(x.to("cpu", copy=True))
 
@@ -447,7 +447,8 @@ def calibrate_hooked(model: nn.Module, input_ids: torch.Tensor, batch_size: int 
     stats = {i: LayerStats(i, b.num_experts, b.hidden_size, b.top_k) for i, b in blocks.items()}
     handles = [
         b.module.register_forward_pre_hook(
-            lambda _m, args, i=i, b=b: stats[i].update(b, args[0].reshape(-1, b.hidden_size))
+            lambda _m, args, kwargs, i=i, b=b: stats[i].update(b.bind(*args, **kwargs), args[0]),
+            with_kwargs=True,
         )
         for i, b in blocks.items()
     ]

@@ -10,14 +10,23 @@ activation cache.
 Checkpoints store experts either as transformers v5 fused tensors or, as published checkpoints and
 `save_pretrained` do, one tensor per expert (`experts.{e}.gate_proj.weight`, ...); the per-expert
 form is stacked on the fly (names per family from the adapter).
+
+Non-persistent buffers (rotary tables per layer type, embedding scales, ...) are in no checkpoint: the
+skeleton is built with real buffers and meta parameters, so the model's own constructors and weight
+init compute every buffer as for an in-memory model; those values are kept aside (`Skeleton.buffers`)
+and copied into every module materialised, for non-persistent buffers and for buffers a checkpoint
+lacks (as `from_pretrained` initialises missing keys). A family whose non-persistent buffers derive
+from its weights is refused.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,6 +59,8 @@ class LazyCheckpoint:
         self.weight_map = weight_map
         self._stack = ExitStack()
         self._handles: dict[str, object] = {}
+        # the model whose transformers weight conversions rename checkpoint keys (set by `Streamer`)
+        self.model: nn.Module | None = None
 
     def _file(self, shard: str):
         if shard not in self._handles:
@@ -66,10 +77,25 @@ class LazyCheckpoint:
         self._stack.close()
         self._handles.clear()
 
+    def aliases(self, name: str, adapter: Adapter) -> list[str]:
+        """The names the checkpoint may hold model tensor `name` under: its own, the adapter's older
+        layouts, and the name transformers' conversion renames it to (as `from_pretrained` reads it)."""
+        names = [name, *adapter.legacy_aliases(name)]
+        if name not in self and self.model is not None:
+            from transformers.modeling_utils import revert_weight_conversion
+
+            probe = torch.empty(0, device="meta")
+            try:
+                out = revert_weight_conversion(self.model, {name: probe})
+            except Exception:  # noqa: BLE001 - a conversion that transforms values: not a plain rename
+                out = {}
+            names += [k for k, v in out.items() if v is probe and k != name]  # the value passed unchanged
+        return names
+
     def tensor_for(self, name: str, adapter: Adapter) -> torch.Tensor:
         """The checkpoint tensor for model parameter/buffer `name`, stacking per-expert tensors."""
         names = adapter.legacy_expert_names
-        for alias in (name, *adapter.legacy_aliases(name)):
+        for alias in self.aliases(name, adapter):
             if alias in self:
                 return self.get(alias)
             for suffix, parts in (("experts.gate_up_proj", ("gate", "up")), ("experts.down_proj", ("down",))):
@@ -77,37 +103,101 @@ class LazyCheckpoint:
                     continue
                 prefix = alias[: -len(suffix)] + "experts."
                 experts, e = [], 0
-                while f"{prefix}{e}.{names['gate']}.weight" in self:
+                while all(f"{prefix}{e}.{names[p]}.weight" in self for p in parts):
                     experts.append(torch.cat([self.get(f"{prefix}{e}.{names[p]}.weight") for p in parts], 0))
                     e += 1
                 if experts:
                     return torch.stack(experts)
-        raise MoepressError(f"checkpoint {self.folder} has no tensor for {name}; it is incomplete")
+        raise MoepressError(
+            f"checkpoint {self.folder} has no tensor for {name}: either it is incomplete, or (when "
+            "`from_pretrained` loads it) the family stores its weights in another layout that transformers "
+            "converts on load, which --stream does not: run without --stream")
+
+
+@dataclass
+class Skeleton:
+    """A meta-device model, its adapter, and its buffers as its own init computes them (on the host, by
+    full name): `materialize` copies them in where no checkpoint holds them (non-persistent buffers)."""
+
+    model: nn.Module
+    adapter: Adapter
+    buffers: dict[str, torch.Tensor]
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside register their parameters on the meta device (no memory) while their
+    buffers stay real, computed by the constructors (and the weight init run on them) as usual."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and not p.is_meta:
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def skeleton(folder: str | Path, dtype: torch.dtype = torch.bfloat16, trust_remote_code: bool = False) -> Skeleton:
+    """The model with every tensor on the meta device, its adapter, and its buffers' initial values.
+
+    Built with real buffers so that, as in an in-memory model, the constructors and the model's
+    weight init (which transformers runs for buffers a checkpoint does not hold) compute them; the
+    parameters, never touched by that init on the meta device, cost nothing."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    adapter = get_adapter(model)
+    buffers = {}
+    for name, buf in model.named_buffers():
+        if not buf.is_meta:
+            buffers[name] = buf.detach().to("cpu")  # the model lets go of it below (to meta)
+        elif _non_persistent(model, name):
+            raise MoepressError(f"{adapter.family}: streamed loading cannot compute the non-persistent buffer "
+                                f"`{name}` (it derives from the weights); run without --stream")
+    return Skeleton(model.to("meta").eval(), adapter, buffers)
 
 
 def build_skeleton(folder: str | Path, dtype: torch.dtype = torch.bfloat16, trust_remote_code: bool = False):
     """The model with every parameter on the meta device (no memory), plus its adapter."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    built = skeleton(folder, dtype, trust_remote_code)
+    return built.model, built.adapter
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    return model.eval(), get_adapter(model)
+
+def _non_persistent(module: nn.Module, name: str) -> bool:
+    """Whether `name` (under `module`) is a buffer that `state_dict` leaves out."""
+    owner, _, leaf = name.rpartition(".")
+    return leaf in module.get_submodule(owner)._non_persistent_buffers_set
 
 
 def materialize(module: nn.Module, prefix: str, ckpt: LazyCheckpoint, adapter: Adapter, device, dtype,
-                tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """Give `module` (named `prefix` in the model) real tensors from the checkpoint on `device`.
+                tensors: dict[str, torch.Tensor] | None = None,
+                buffers: dict[str, torch.Tensor] | None = None, recurse: bool = True) -> None:
+    """Give `module` (named `prefix` in the model) real tensors from the checkpoint on `device`; its
+    non-persistent buffers, and buffers the checkpoint lacks, from `buffers` (`Skeleton.buffers`).
 
     `tensors` (from `read_tensors`) are used instead of reading the shards. Under torch.distributed
     with `tensors` given, each tensor is read by one rank only and broadcast to the others, so G
-    ranks read a layer from disk once between them instead of G times.
+    ranks read a layer from disk once between them instead of G times. `recurse=False`: only the
+    module's own tensors, not its children's.
     """
-    module.to_empty(device=device)
+    module.to_empty(device=device, recurse=recurse)
+    buffers = buffers or {}
     shared = tensors is not None and _distributed()
     with torch.no_grad():
-        for k, (name, p) in enumerate(_named_tensors(module)):
+        for k, (name, p) in enumerate(_named_tensors(module, recurse)):
             full = f"{prefix}.{name}" if prefix else name
+            initial = buffers.get(full) if not isinstance(p, nn.Parameter) else None
+            if initial is not None and _non_persistent(module, name):  # every rank has it: no read, no broadcast
+                p.copy_(initial)
+                continue
             if tensors is not None:
                 t = tensors.get(full)
                 if shared:
@@ -115,26 +205,33 @@ def materialize(module: nn.Module, prefix: str, ckpt: LazyCheckpoint, adapter: A
 
                     owner = k % dist.get_world_size()
                     if not _persistent(full, ckpt, adapter, p):
+                        p.copy_(_unstored(full, initial))
                         continue
                     if t is not None:
                         p.copy_(t.to(dtype=p.dtype if p.is_floating_point() else t.dtype), non_blocking=True)
                     dist.broadcast(p.data, src=owner)
                     continue
-                if t is None:
-                    continue  # non-persistent buffer (read_tensors checked the parameters)
+                if t is None:  # a buffer the checkpoint lacks (read_tensors checked the parameters)
+                    t = _unstored(full, initial)
             else:
                 try:
                     t = ckpt.tensor_for(full, adapter)
                 except MoepressError:
                     if isinstance(p, nn.Parameter):
                         raise
-                    continue  # non-persistent buffers (rotary tables) are recomputed below
+                    t = _unstored(full, initial)
             p.copy_(t.to(dtype=p.dtype if p.is_floating_point() else t.dtype))
-    _reset_rotary(module, device)
 
 
-def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return list(module.named_parameters()) + list(module.named_buffers())
+def _unstored(full: str, initial: torch.Tensor | None) -> torch.Tensor:
+    """A buffer's value where the checkpoint lacks it: its initial value, as `from_pretrained` gives."""
+    if initial is None:
+        raise MoepressError(f"neither the checkpoint nor the model's init gives buffer {full}; run without --stream")
+    return initial
+
+
+def _named_tensors(module: nn.Module, recurse: bool = True) -> list[tuple[str, torch.Tensor]]:
+    return list(module.named_parameters(recurse=recurse)) + list(module.named_buffers(recurse=recurse))
 
 
 def _distributed() -> bool:
@@ -148,7 +245,7 @@ def _persistent(full: str, ckpt: LazyCheckpoint, adapter: Adapter, p: torch.Tens
     if isinstance(p, nn.Parameter):
         return True
     try:
-        return any(a in ckpt for a in (full, *adapter.legacy_aliases(full)))
+        return any(a in ckpt for a in ckpt.aliases(full, adapter))
     except MoepressError:
         return False
 
@@ -180,16 +277,6 @@ def read_tensors(module: nn.Module, prefix: str, ckpt: LazyCheckpoint, adapter: 
     return out
 
 
-def _reset_rotary(module: nn.Module, device) -> None:
-    """Rotary embeddings keep non-persistent `inv_freq` tables computed at init; rebuild them."""
-    for m in module.modules():
-        if hasattr(m, "inv_freq") and hasattr(m, "config"):
-            fresh = type(m)(m.config)
-            for name, buf in fresh.named_buffers(recurse=False):
-                setattr(m, name, buf.to(device))
-            m.attention_scaling = getattr(fresh, "attention_scaling", 1.0)
-
-
 def release(module: nn.Module) -> None:
     """Drop a module's tensors back to the meta device, freeing its memory."""
     module.to("meta")
@@ -206,16 +293,25 @@ class Streamer:
         # the host, so they stay there and the accelerator holds only the running layer.
         self.rest_device = torch.device(rest_device)
         self.dtype = dtype
-        self.model, self.adapter = build_skeleton(folder, dtype, trust_remote_code)
+        built = skeleton(folder, dtype, trust_remote_code)
+        self.model, self.adapter, self.buffers = built.model, built.adapter, built.buffers
         self.ckpt = LazyCheckpoint(folder)
+        self.ckpt.model = self.model
         self.layers = self.adapter.layers(self.model)
         self.prefixes = _layer_names(self.model, self.layers)
         in_layers = tuple(f"{p}." for p in self.prefixes)
-        # Everything but the decoder layers (embeddings, final norm, head, rotary) is small: load it.
+        # a head tied to the embeddings is in no checkpoint: tie_weights below shares the loaded one
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or ()) - set(self.ckpt.weight_map)
+        # Everything but the decoder layers (embeddings, final norm, head, rotary) is small: load it, module
+        # by module, each one's own tensors (a module holding children may hold tensors too)
         for name, child in self.model.named_modules():
-            if name and not list(child.children()) and not name.startswith(in_layers):
-                materialize(child, name, self.ckpt, self.adapter, self.rest_device, dtype)
-        if getattr(self.model.config, "tie_word_embeddings", False):
+            if name.startswith(in_layers) or not _named_tensors(child, recurse=False):
+                continue
+            own = [f"{name}.{n}" if name else n for n, _ in child.named_parameters(recurse=False)]
+            if not (own and set(own) <= tied):
+                materialize(child, name, self.ckpt, self.adapter, self.rest_device, dtype, buffers=self.buffers,
+                            recurse=False)
+        if tied or getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
         # one reader thread: disk reads of layer i+1 overlap the compute of layer i
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moepress-prefetch")
@@ -234,7 +330,7 @@ class Streamer:
         if i + 1 < len(self.layers):
             self._prefetched[i + 1] = self._pool.submit(self._read, i + 1)
         materialize(self.layers[i], self.prefixes[i], self.ckpt, self.adapter, self.device, self.dtype,
-                    tensors=tensors)
+                    tensors=tensors, buffers=self.buffers)
         return self.layers[i]
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:

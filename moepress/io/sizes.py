@@ -107,7 +107,10 @@ def predict_size(model: nn.Module, plan: CompressionPlan) -> Size:
         shared_gate = keep_shared and block.shared_gate is not None
         post_norm = getattr(block, "post_norm", None)  # a condensed block keeps the block's output norm
         norm = _sum(t for _, t in saved_tensors(post_norm)) if post_norm is not None else Size(0, 0)
-        if isinstance(action, Drop):  # a block on the layer itself (`owner`) keeps the router the layer calls
+        if isinstance(action, Drop) and block.drop_keeps_router:  # the block less its experts
+            gone = _sum(t for _, t in saved_tensors(block.experts.module))
+            new = Size(old.params - gone.params, old.bytes - gone.bytes)
+        elif isinstance(action, Drop):  # a block on the layer itself (`owner`) keeps the router the layer calls
             new = Size(0, 0) if block.owner is None else _sum(t for _, t in saved_tensors(block.router))
         elif isinstance(action, Condense) and block.condense_keeps_router:  # the block less its unchosen experts
             gone = _sum(t for _, t in saved_tensors(block.experts.module))
@@ -137,7 +140,11 @@ def predict_size(model: nn.Module, plan: CompressionPlan) -> Size:
             moved |= {id(t) for t in own.values() if t.ndim and t.shape[0] == e}
             rest = _sum(t for _, t in saved_tensors(block.module) if id(t) not in moved)
             rest = Size(rest.params + block_rows.params, rest.bytes + block_rows.bytes)
-            routed = _rows([t for _, t in saved_tensors(router)], e, n_active, block.extra_router_rows)
+            named = block.router_expert_tensors  # the router's per-expert tensors, when named
+            routed = _rows([t for n, t in saved_tensors(router) if named is None or n in named], e, n_active,
+                           block.extra_router_rows)
+            fixed = _sum(t for n, t in saved_tensors(router) if named is not None and n not in named)
+            routed = Size(routed.params + fixed.params, routed.bytes + fixed.bytes)
             if isinstance(experts, nn.ModuleList):
                 kept = _sum(t for k in action.keep_experts for _, t in saved_tensors(experts[k]))
             else:

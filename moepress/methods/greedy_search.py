@@ -178,6 +178,13 @@ def expert_candidate_count(pool: int, k: int) -> int:
     return sum(pool - s for s in range(min(k, pool)))
 
 
+def _stack_states(a: dict | None, b: dict | None) -> dict | None:
+    """Two stacks' handed-on states joined along the batch (None where either has none)."""
+    if a is None or b is None:
+        return None
+    return {k: torch.cat([v, b[k]]) if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+
+
 def _repeat_batch(obj, n: int, b: int):
     """Layer kwargs for n candidates stacked along the batch: repeat tensors whose dim 0 is the batch."""
     if n == 1:
@@ -279,6 +286,25 @@ class GreedySearch:
             handed.setdefault(j + 1, [None] * len(self.kwargs))[i] = _to(rule(self.layers[j], kw, h, out), self.storage)
         return out[0] if isinstance(out, tuple) else out
 
+    def _entering(self, j: int, i: int, n: int = 1, b: int = 0) -> dict | None:
+        """The state the recording passes kept for layer j on batch i (n stacked copies of batch size b), or
+        None. A candidate that changes layer m enters layer m + 1 with the kept state: what a layer hands on
+        is computed from its input and the state entering it (ZAYA's router state, an indexer's top-k, block
+        states), which the layer's own MLP does not change."""
+        handed = self.__dict__.get("handed", {})
+        if handed.get(j) is None or handed[j][i] is None:
+            return None
+        state = _to(handed[j][i], self.device)
+        return state if n == 1 else _repeat_batch(state, n, b)
+
+    def _layer_carrying(self, j: int, h: torch.Tensor, i: int, n: int, state: dict) -> tuple[torch.Tensor, dict]:
+        """`_layer` for n stacked candidates carrying their own state (`state`, stacked like h): layer j's
+        output and the state it hands on, as the model's loop would for each candidate."""
+        kw = {**_repeat_batch(self.kwargs(j, i), n, h.shape[0] // n), **state}
+        out = self.layers[j](h, **kw, use_cache=False)
+        handed = hand_on_rule(self.adapter)(self.layers[j], kw, h, out)
+        return (out[0] if isinstance(out, tuple) else out), handed
+
     def _capture(self, j: int, h: torch.Tensor, action: LayerAction | None, i: int) -> torch.Tensor:
         """Run MoE layer j on batch i's input h, storing its MLP input and residual (a whole layer: its
         input); returns its output."""
@@ -288,14 +314,18 @@ class GreedySearch:
         whole = j in self.whole
 
         def recorder(x: torch.Tensor, *args, **kwargs):
-            y = original(x, *args, **kwargs) if action is None else block.forward(x, action)
+            bound = block.bind(x, *args, **kwargs)  # routes (and hands on) as this call does
+            y = original(x, *args, **kwargs) if action is None else bound.forward(x, action)
             y = y[0] if isinstance(y, tuple) else y  # gpt-oss and Llama-4 blocks also return router scores
-            record["x"], record["y"] = x, y
-            return block.wrap_output(y if whole else torch.zeros_like(y))
+            record["x"], record["y"], record["call"] = x, y, (args, kwargs)
+            return bound.wrap_output(y if whole else torch.zeros_like(y))
 
         with forward_replaced(block.module, recorder):
             out = self._layer(j, h, i)
         self.x.setdefault(j, [None] * len(self.kwargs))[i] = record["x"].to(self.storage)
+        # the block's other call arguments (ZAYA's router state), which its routing may read (`MoEBlock.bind`)
+        self.__dict__.setdefault("calls", {}).setdefault(j, [None] * len(self.kwargs))[i] = _to(
+            record["call"], self.storage)
         if whole:
             self.inp[j][i] = h.to(self.storage)
             return out
@@ -303,6 +333,15 @@ class GreedySearch:
         if record["y"].numel() != out.numel():  # several residual streams: not the residual form
             return torch.full_like(out, float("nan"))  # fails `_capture_original`'s check
         return out + record["y"].reshape(out.shape)
+
+    def _call(self, j: int, i: int) -> tuple[tuple, dict]:
+        """The arguments besides the hidden states that MoE layer j's block got on batch i (cached)."""
+        return _to(self.__dict__.get("calls", {}).get(j, {i: ((), {})})[i], self.device)
+
+    def _bound(self, j: int, i: int, x: torch.Tensor) -> MoEBlock:
+        """Layer j's block view for its call on batch i's cached input x (see `MoEBlock.bind`)."""
+        args, kwargs = self._call(j, i)
+        return self.blocks[j].bind(x, *args, **kwargs)
 
     def _capture_original(self, j: int, h: torch.Tensor, i: int) -> torch.Tensor:
         """`_capture` in the original pass; on the first batch it also tells whether layer j is of the
@@ -325,7 +364,7 @@ class GreedySearch:
         block = self.blocks[m]
 
         def forward(x: torch.Tensor, *args, **kwargs):
-            return block.wrap_output(mlp(x))
+            return block.bind(x, *args, **kwargs).wrap_output(mlp(x))
 
         with forward_replaced(block.module, forward):
             return self._layer(m, self.inp[m][i].to(self.device), i)
@@ -343,7 +382,8 @@ class GreedySearch:
                 h = hidden[i].to(self.device)
                 if j in moe:
                     out = self._capture_original(j, h, i)
-                    self.stats[j].update(self.blocks[j], self.x[j][i].to(self.device))
+                    x = self.x[j][i].to(self.device)
+                    self.stats[j].update(self._bound(j, i, x), x)
                 else:
                     out = self._layer(j, h, i)
                 hidden[i] = out.to(self.storage)
@@ -357,6 +397,7 @@ class GreedySearch:
         """The metric of each candidate; layers after a candidate's own run under `context`."""
         order = sorted(range(len(candidates)), key=lambda c: candidates[c].start)
         values = [0.0] * len(candidates)
+        carries = hand_on_rule(self.adapter) is not None  # layers hand state on: each candidate carries its own
         with actions_applied(self.blocks, context):
             for g in range(0, len(order), self.candidates_per_forward):
                 group = order[g : g + self.candidates_per_forward]
@@ -364,14 +405,20 @@ class GreedySearch:
                 for i in range(len(self.kwargs)):
                     b = self.input_ids[i].shape[0]
                     stack: torch.Tensor | None = None
+                    state: dict | None = None
                     members: list[int] = []
                     for j in range(candidates[group[0]].start, self.num_layers):
                         joining = [c for c in group if candidates[c].start == j]
                         if joining:
                             new = [candidates[c].hidden(i).to(self.device) for c in joining]
+                            if carries and j + 1 < self.num_layers:
+                                entering = self._entering(j + 1, i, len(joining), b)
+                                state = _stack_states(state, entering) if members else entering
                             stack = torch.cat(new if stack is None else [stack, *new])
                             members += joining
-                        if j + 1 < self.num_layers:
+                        if j + 1 < self.num_layers and state is not None:
+                            stack, state = self._layer_carrying(j + 1, stack, i, len(members), state)
+                        elif j + 1 < self.num_layers:
                             stack = self._layer(j + 1, stack, i, len(members))
                     for pos, c in enumerate(members):
                         sums[c] += self.scorer.batch_sum(i, stack[pos * b : (pos + 1) * b])
@@ -453,9 +500,10 @@ class GreedySearch:
         if layer in self.whole:
             return self._search_experts_local_whole(layer, k, weights, pool, post, expert_out)
         refs, base = [], []
-        for x, mid in zip(self.x[layer], self.mid[layer], strict=True):
+        for i, (x, mid) in enumerate(zip(self.x[layer], self.mid[layer], strict=True)):
             x, mid = x.to(self.device), mid.to(self.device)
-            y = block.module(x)
+            args, kwargs = self._call(layer, i)
+            y = block.module(x, *args, **kwargs)
             y = y[0] if isinstance(y, tuple) else y  # gpt-oss and Llama-4 blocks also return router scores
             refs.append(HiddenReference(post(mid + y.reshape(mid.shape))))
             shared = block.shared_out(x.reshape(-1, hsize))
@@ -521,13 +569,12 @@ class GreedySearch:
     # ---- layer search --------------------------------------------------------------------------
     def _layer_candidate(self, m: int, action: LayerAction) -> Candidate:
         """Layer m under `action`; its output on batch i (a whole layer runs: see `_run_whole`)."""
-        block = self.blocks[m]
 
         def at(i: int) -> torch.Tensor:
             if m in self.whole:
-                return self._run_whole(m, i, lambda x: block.forward(x, action))
-            mid = self.mid[m][i].to(self.device)
-            return mid + block.forward(self.x[m][i].to(self.device), action).reshape(mid.shape)
+                return self._run_whole(m, i, lambda x: self._bound(m, i, x).forward(x, action))
+            mid, x = self.mid[m][i].to(self.device), self.x[m][i].to(self.device)
+            return mid + self._bound(m, i, x).forward(x, action).reshape(mid.shape)
 
         return Candidate(m, at)
 

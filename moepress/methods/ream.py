@@ -185,7 +185,7 @@ def ream(
 
             def hook(_module, args, kwargs, block=block, s=s, seen=seen):
                 x = (args[0] if args else kwargs["hidden_states"]).reshape(-1, block.hidden_size)
-                s.update(block, x)
+                s.update(block.bind(*args, **kwargs), x)
                 seen.append(x.to("cpu", copy=True))
 
             handle = block.module.register_forward_pre_hook(hook, with_kwargs=True)

@@ -40,7 +40,8 @@ def _action_forward(
     block: MoEBlock, action: LayerAction, novices: dict[int, torch.Tensor] | None
 ) -> Callable[..., torch.Tensor]:
     def forward(hidden_states: torch.Tensor, *args, **kwargs):
-        return block.wrap_output(block.forward(hidden_states, action, novices))
+        bound = block.bind(hidden_states, *args, **kwargs)  # routes (and hands on) as this call does
+        return bound.wrap_output(bound.forward(hidden_states, action, novices))
 
     return forward
 

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moepress.calibrate.runner import capture_inputs
-from moepress.methods.greedy_search import ForwardCounts, GreedySearch, LayerStep, RoutingMass
+from moepress.calibrate.runner import _to, capture_inputs, hand_on_rule
+from moepress.methods.greedy_search import ForwardCounts, GreedySearch, LayerStep, RoutingMass, _stack_states
 from moepress.methods.scoring import FinalHiddenScorer, Metric, NextTokenScorer, check_metric
 from moepress.methods.simulate import actions_applied
 from moepress.plan import LayerAction
@@ -42,6 +42,11 @@ from moepress.progress import progress
 
 if TYPE_CHECKING:
     from moepress.calibrate.streaming import Streamer
+
+
+def _batch_slice(state: dict, start: int, end: int) -> dict:
+    """One candidate's rows of a stack's handed-on state."""
+    return {k: v[start:end] if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 def streamed_layer_loads(num_layers: int, layer_steps: Sequence[tuple[Sequence[int], int]]) -> int:
@@ -141,13 +146,25 @@ class StreamedGreedySearch(GreedySearch):
             return
         order = sorted(inflight)
         context = {} if action is None else {j: action}
+        # per candidate and batch, the state its layers hand on (families whose layers hand some on): a
+        # candidate enters the layer after its own with the kept state (see `GreedySearch._entering`)
+        carried = self.__dict__.setdefault("carried", {})
         with actions_applied(self.blocks, context):
             for g in range(0, len(order), self.candidates_per_forward):
                 group = order[g : g + self.candidates_per_forward]
                 for i in range(len(self.kwargs)):
                     b = self.input_ids[i].shape[0]
                     stack = torch.cat([inflight[c][i].to(self.device) for c in group])
-                    out = self._layer(j, stack, i, len(group))
+                    states = [carried.setdefault(c, {}).get(i) or self._entering(j, i) for c in group]
+                    if hand_on_rule(self.adapter) is None or any(st is None for st in states):
+                        out = self._layer(j, stack, i, len(group))
+                    else:
+                        state = states[0]
+                        for st in states[1:]:
+                            state = _stack_states(state, _to(st, self.device))
+                        out, handed = self._layer_carrying(j, stack, i, len(group), _to(state, self.device))
+                        for pos, c in enumerate(group):
+                            carried[c][i] = _to(_batch_slice(handed, pos * b, (pos + 1) * b), self.storage)
                     for pos, c in enumerate(group):
                         inflight[c][i] = out[pos * b : (pos + 1) * b].to(self.storage)
         self.counts.layer_forwards += len(order)
@@ -180,6 +197,7 @@ class StreamedGreedySearch(GreedySearch):
         actions: dict[int, LayerAction] = {}
         hidden = list(self.hidden0)
         inflight: dict[int, list[torch.Tensor]] = {}
+        self.__dict__["carried"] = {}  # the in-flight candidates' handed-on states, per sweep
         for j in progress(range(self.num_layers), "caching layer states, searching experts"):
             self._load(j)
             try:
@@ -191,7 +209,8 @@ class StreamedGreedySearch(GreedySearch):
                         if i == 0:
                             self.stats[j] = RoutingMass.zeros(self.blocks[j].num_experts)
                         out = self._capture_original(j, h, i)
-                        self.stats[j].update(self.blocks[j], self.x[j][i].to(self.device))
+                        x = self.x[j][i].to(self.device)
+                        self.stats[j].update(self._bound(j, i, x), x)
                     else:
                         out = self._layer(j, h, i)
                     hidden[i] = out.to(self.storage)
@@ -234,6 +253,7 @@ class StreamedGreedySearch(GreedySearch):
         joining = set(remaining)
         current: list[torch.Tensor] = []
         inflight: dict[int, list[torch.Tensor]] = {}
+        self.__dict__["carried"] = {}  # the in-flight candidates' handed-on states, per sweep
         for j in range(min(last, *remaining), self.num_layers):
             self._load(j)
             try:

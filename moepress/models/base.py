@@ -262,6 +262,18 @@ class MoEBlock:
     # a bias the block adds to its output, always on like shared experts (`shared_out` includes it): a
     # condensed block that keeps its shared part keeps it as its down_proj bias
     output_bias = None
+    # a dropped block keeps the family's block, router included, with only its experts giving 0: for a
+    # router that hands state to the next layer's (ZAYA); the block must have no shared part
+    drop_keeps_router = False
+    # names (in the router's state dict) of its per-expert tensors, one row per expert then the extra
+    # rows: pruning slices exactly these; None: every tensor whose first dimension is the expert count
+    router_expert_tensors: tuple[str, ...] | None = None
+
+    def bind(self, hidden_states: torch.Tensor, *args, **kwargs) -> MoEBlock:
+        """This view for one call of the live block, `module(hidden_states, *args, **kwargs)`: a family
+        whose routing (or what the block hands on) reads more of the call than the hidden states takes it
+        here (ZAYA's router state from the previous layer). Default: routing reads the hidden states only."""
+        return self
 
     def wrap_output(self, out: torch.Tensor):
         """`out` in the form the decoder layer expects from this block."""

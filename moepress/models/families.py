@@ -49,8 +49,6 @@ def is_transformers_moe(model_type: str) -> bool:
 
 # MoE model types of transformers that moepress has no adapter for yet, with the reason (shown to users).
 NO_ADAPTER_YET: dict[str, str] = {
-    "zaya": "ZAYA's router is an MLP that takes state carried from the previous layer and has an extra "
-    "skip-expert row",
 }
 
 

@@ -28,12 +28,19 @@ Quirks spelled out here:
   and the two norms stay, since the stock layer calls them).
 - Layers: `model.layers` (`gemma4_text`, `Gemma4ForCausalLM`) or `model.language_model.layers`
   (`gemma4`, `Gemma4ForConditionalGeneration`); the expert count is the text config's `num_experts`.
-- Not handled here (generic runner limits): layers take a per-layer input (`per_layer_input`, Per-Layer
-  Embeddings) and per-layer-type rotary tables and masks, but the layer-by-layer runner (calibration,
-  search) hands every layer the arguments recorded at layer 0, so statistics past layer 0 are approximate
-  and full-attention layers of another head size (`global_head_dim` in released checkpoints) fail there;
-  streamed loading does not rebuild the non-persistent `embed_scale` and per-type `*_inv_freq` buffers.
-  The tiny model keeps one head size so every method runs.
+- Each layer takes its own arguments: a per-layer input (`per_layer_input`, Per-Layer Embeddings), the
+  mask and rotary table of its attention type (full-attention layers have their own head size,
+  `global_head_dim`, kv-head count and partial rotary). Nothing here handles them: the layer-by-layer
+  runner (calibration, searches) records and hands on every layer's own arguments, so layer-by-layer
+  statistics equal whole-model forwards on every layer. Streamed loading computes the non-persistent
+  `embed_scale` and per-type `*_inv_freq` buffers with the model's own init (generic, `calibrate.streaming`).
+- The tiny model has what the released configs have: sliding layers, then a full-attention last layer
+  with twice the head size (`global_head_dim`), one kv head and keys reused as values (`attention_k_eq_v`:
+  no `v_proj`), proportional partial rotary on full layers, per-layer inputs, logit soft-capping and
+  tied embeddings. Not in it: KV sharing across layers (`num_kv_shared_layers`, in the dense E2B/E4B
+  checkpoints); with it, layer-by-layer calibration still equals whole-model forwards (each batch's
+  `shared_kv_states` object is recorded once and handed to every layer), but searches that re-run a
+  storing layer under candidate plans are unchecked.
 """
 
 from __future__ import annotations
@@ -236,14 +243,15 @@ def gemma4_routing(router, config) -> Routing:
 
 def _tiny(cfg) -> None:
     """Every layer an MoE layer beside its dense MLP; small per-layer embeddings; two sliding-window
-    layers and a full-attention last layer of the same head size (see the module docstring)."""
+    layers and a full-attention last layer with its own head size and kv heads (see the module docstring)."""
     text = cfg.get_text_config()
     for key, value in dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16,
                            hidden_size_per_layer_input=8, vocab_size_per_layer_input=512, sliding_window=4,
                            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                           final_logit_softcapping=30.0).items():
+                           attention_k_eq_v=True, final_logit_softcapping=30.0).items():
         setattr(text, key, value)
-    text.per_layer_config = {}  # full-attention layers at the sliding layers' head size
+    text.per_layer_config = {2: {"head_dim": 16, "num_key_value_heads": 1}}
+    cfg.tie_word_embeddings = text.tie_word_embeddings = True
 
 
 for _spec in (

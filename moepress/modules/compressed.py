@@ -15,6 +15,7 @@ structure, written by moepress' adapters.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
@@ -350,7 +351,10 @@ def _build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[
     action = spec["action"]
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if action == "drop":
-        # a block on the layer itself (empty path) keeps the router the layer calls; its experts give 0
+        # a block on the layer itself (empty path), or one whose router hands state on ("routed"), keeps
+        # its router; its experts give 0
+        if spec.get("form") == "routed":
+            return {module_path(mlp_path, structure["experts"]): DroppedMLP()}
         return {mlp_path or structure["experts"]: DroppedMLP()}
     if action == "condense" and spec.get("form") == "routed":  # the block keeps its router and shared experts
         old = layer.get_submodule(module_path(mlp_path, structure["experts"]))
@@ -425,7 +429,10 @@ def _sized(mlp: nn.Module, path: str, config, structure: dict, n: int) -> nn.Mod
     sized = sized_config(config, structure["num_experts_key"], n)
     if structure.get("sized_by_block"):
         return type(mlp)(sized).get_submodule(path)
-    return type(mlp.get_submodule(path))(sized)
+    old = mlp.get_submodule(path)
+    # a class that also takes the layer index (ZAYA's router) gets the one of the module it replaces
+    takes_index = "layer_idx" in inspect.signature(type(old)).parameters and hasattr(old, "layer_idx")
+    return type(old)(sized, layer_idx=old.layer_idx) if takes_index else type(old)(sized)
 
 
 def set_block_tensors(

@@ -243,7 +243,7 @@ def describe(
                     "shared_gate": keep_shared and block.shared_gate is not None,
                 }
         else:
-            spec = {"action": "drop"}
+            spec = {"action": "drop", "form": "routed"} if block.drop_keeps_router else {"action": "drop"}
         structure["layers"][str(i)] = spec
     return structure
 
@@ -402,9 +402,12 @@ def _layer_state(
     experts = module_path(mlp, structure["experts"])
     state = {}
     extra = block.extra_router_rows  # LongCat-Flash's identity experts: rows kept after the kept experts'
+    named = block.router_expert_tensors  # the router's per-expert tensors by name, where shapes could mislead
     for k, t in block.router.state_dict().items():
         index = torch.tensor(active, dtype=torch.long, device=t.device)
-        if t.ndim and extra and t.shape[0] == n_experts + extra:
+        if named is not None and k not in named:
+            pass
+        elif t.ndim and extra and t.shape[0] == n_experts + extra:
             t = t.index_select(0, torch.cat([index, torch.arange(n_experts, t.shape[0], device=t.device)]))
         elif t.ndim and t.shape[0] == n_experts:
             t = t.index_select(0, index)
