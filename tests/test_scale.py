@@ -21,8 +21,11 @@ def _ids(seed=0, n=6, length=16):
     return torch.randint(3, 128, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-# gemma4_text: non-persistent buffers (embedding scales, per-layer-type rotary tables) and a tied head, in no checkpoint
-@pytest.mark.parametrize("family", ["deepseek_v2", "qwen2_moe", "mixtral", "gemma4_text"])
+# gemma4_text: non-persistent buffers (embedding scales, per-layer-type rotary tables) and a tied head, in no
+# checkpoint; minimax, phimoe, lfm2_moe, nemotron_h: per-expert tensors under names that transformers' weight
+# conversion maps (w1/w3/w2, `block_sparse_moe`, a `backbone.` prefix)
+@pytest.mark.parametrize("family", ["deepseek_v2", "qwen2_moe", "mixtral", "gemma4_text", "minimax", "phimoe",
+                                    "lfm2_moe", "nemotron_h", "minimax_m2"])
 def test_streaming_equals_in_memory(tmp_path, family):
     model = tiny_model(family)
     model.save_pretrained(tmp_path)  # per-expert tensors on disk, as published checkpoints

@@ -9,7 +9,10 @@ activation cache.
 
 Checkpoints store experts either as transformers v5 fused tensors or, as published checkpoints and
 `save_pretrained` do, one tensor per expert (`experts.{e}.gate_proj.weight`, ...); the per-expert
-form is stacked on the fly (names per family from the adapter).
+form is stacked on the fly (names per family from the adapter, or from the per-expert layouts that
+transformers' weight-conversion mapping stacks on load: `block_sparse_moe.experts.{e}.w1`, ...).
+Other value conversions (split QKV, reshaped convolutions) are not replayed: such a checkpoint stops
+with one line naming the tensor it lacks.
 
 Non-persistent buffers (rotary tables per layer type, embedding scales, ...) are in no checkpoint: the
 skeleton is built with real buffers and meta parameters, so the model's own constructors and weight
@@ -92,6 +95,43 @@ class LazyCheckpoint:
             names += [k for k, v in out.items() if v is probe and k != name]  # the value passed unchanged
         return names
 
+    def _expert_layouts(self) -> tuple[list[tuple[str, list[str], int | None]], list[tuple[str, str]]]:
+        """transformers' per-expert checkpoint layouts for this model, from its weight-conversion mapping:
+        ([(fused target suffix, per-expert source patterns, concatenation dim or None)], [(checkpoint
+        name part, model name part)] renamings). Only the conversions that stack one tensor per expert
+        (and concatenate gate with up) are read; any other conversion is not streamed."""
+        if getattr(self, "_layouts", None) is None:
+            self._layouts = _expert_layouts(self.model)
+        return self._layouts
+
+    def _converted_experts(self, name: str) -> torch.Tensor | None:
+        """Fused experts tensor `name` stacked from the per-expert tensors transformers' conversion reads
+        (MiniMax's `block_sparse_moe.experts.{e}.w1`, NemotronH's `backbone.` prefix, ...), or None."""
+        if self.model is None:
+            return None
+        layouts, renames = self._expert_layouts()
+        for target, sources, dim in layouts:
+            if not name.endswith(target):
+                continue
+            prefix = name[: len(name) - len(target)]
+            for rename in (False, True):
+                def key(source: str, e: int, rename: bool = rename, prefix: str = prefix) -> str:
+                    full = prefix + source.replace("*", str(e))
+                    for checkpoint_part, model_part in renames if rename else ():
+                        full = full.replace(model_part, checkpoint_part)
+                    return full
+
+                per_source: list[list[torch.Tensor]] = [[] for _ in sources]
+                e = 0
+                while all(key(src, e) in self for src in sources):
+                    for parts, src in zip(per_source, sources, strict=True):
+                        parts.append(self.get(key(src, e)))
+                    e += 1
+                if e:
+                    stacked = [torch.stack(parts) for parts in per_source]
+                    return stacked[0] if dim is None else torch.cat(stacked, dim=dim)
+        return None
+
     def tensor_for(self, name: str, adapter: Adapter) -> torch.Tensor:
         """The checkpoint tensor for model parameter/buffer `name`, stacking per-expert tensors."""
         names = adapter.legacy_expert_names
@@ -108,10 +148,46 @@ class LazyCheckpoint:
                     e += 1
                 if experts:
                     return torch.stack(experts)
+        stacked = self._converted_experts(name)
+        if stacked is not None:
+            return stacked
         raise MoepressError(
             f"checkpoint {self.folder} has no tensor for {name}: either it is incomplete, or (when "
             "`from_pretrained` loads it) the family stores its weights in another layout that transformers "
             "converts on load, which --stream does not: run without --stream")
+
+
+def _plain(pattern: str) -> bool:
+    """A conversion pattern that is a literal name part (at most a `*` for the expert index)."""
+    return bool(pattern) and all(c.isalnum() or c in "._*" for c in pattern)
+
+
+def _expert_layouts(model: nn.Module | None) -> tuple[list[tuple[str, list[str], int | None]], list[tuple[str, str]]]:
+    """See `LazyCheckpoint._expert_layouts`."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
+    except ImportError:  # a transformers without weight conversions: nothing to read
+        return [], []
+    try:
+        mapping = get_model_conversion_mapping(model) if model is not None else []
+    except Exception:  # noqa: BLE001 - no mapping for this model: its checkpoint names are its own
+        return [], []
+    layouts, renames = [], []
+    for t in mapping:
+        sources, targets = list(t.source_patterns), list(t.target_patterns)
+        if type(t) is WeightRenaming and len(sources) == len(targets) == 1 and _plain(sources[0]) \
+                and _plain(targets[0]) and "*" not in sources[0] + targets[0]:
+            renames.append((sources[0], targets[0]))
+        if not isinstance(t, WeightConverter) or len(targets) != 1 or not _plain(targets[0]):
+            continue
+        ops = list(t.operations)
+        kinds = [type(o) for o in ops]
+        if kinds not in ([MergeModulelist], [MergeModulelist, Concatenate]) or ops[0].dim != 0:
+            continue
+        if all(_plain(src) and src.count("*") == 1 for src in sources):
+            layouts.append((targets[0], sources, ops[1].dim if len(ops) > 1 else None))
+    return layouts, renames
 
 
 @dataclass
