@@ -161,6 +161,9 @@ CALIBRATION_ROWS = (  # (results file, path, what the row is)
     ("n1024", "forward", "the model's own forward, no statistics"),
     ("n1024", "fused", "**after: fused** (default), batch 32 sequences"),
     ("n1024_b64", "fused", "**after: fused**, batch 64 sequences"),
+    ("n64_host_unpinned", "fused", "fused, hidden states kept on the host (`moepress calibrate`'s default), "
+     "synchronous pageable copies"),
+    ("n256_host", "fused", "fused, hidden states on the host, pinned buffers copied while the next batch runs"),
 )
 
 

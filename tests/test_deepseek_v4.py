@@ -101,3 +101,20 @@ def test_methods_keep_the_hash_layer(method, budget, tmp_path):
     assert loaded.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 8
     generated = loaded.generate(torch.tensor([[1, 70, 71]]), max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 6)
+
+
+def test_score_routed_layers_calibrate_on_the_fused_path(monkeypatch):
+    """The decoder layer passes `input_ids` to every block; score-routed blocks ignore them, so their
+    calibration computes each expert output once (and gives the whole-model statistics)."""
+    from moepress.calibrate import calibrate, calibrate_hooked, runner
+
+    from .test_calibrate import assert_stats_close
+
+    calls = []
+    fused = runner._fused_forward
+    monkeypatch.setattr(runner, "_fused_forward", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    model = tiny_model("deepseek_v4")
+    ids = torch.randint(3, 100, (4, 24), generator=torch.Generator().manual_seed(0))
+    stats = calibrate(model, ids, batch_size=2).stats
+    assert calls
+    assert_stats_close(stats, calibrate_hooked(model, ids, batch_size=2), rtol=1e-5)

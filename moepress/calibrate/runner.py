@@ -266,19 +266,33 @@ def run_layer(
     for i, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs_for(index), strict=True)):
         if state:
             kw = {**kw, **state[i]}
-        h, kw = h.to(device), _to(kw, device)
+        host_input = h
+        h, kw = h.to(device, non_blocking=h.is_pinned()), _to(kw, device)
         out = layer(h, **kw, use_cache=False)
         if inputs.hand_on is not None:
             handed.append(_to(inputs.hand_on(layer, kw, h, out), inputs.storage))
         out = out[0] if isinstance(out, tuple) else out
-        out = out.to(inputs.storage)
+        out = _to_storage(out, inputs.storage, host_input if replace else None)
         if replace:
             inputs.hidden[i] = out
         outs.append(out)
+    if outs and outs[-1].is_pinned():  # the copies to the host were queued without waiting
+        torch.cuda.current_stream(torch.device(device)).synchronize()
     if replace:
         inputs.position = index + 1
         inputs.state = handed
     return outs
+
+
+def _to_storage(out: torch.Tensor, storage: torch.device, reuse: torch.Tensor | None) -> torch.Tensor:
+    """`out` moved to `storage`. From a GPU to the host: into pinned memory without waiting, so the next
+    batch computes while this one copies (`reuse`, the batch's host input, is overwritten when it is
+    pinned and of the same shape: the GPU read it earlier in the same stream)."""
+    if out.device.type != "cuda" or storage.type != "cpu":
+        return out.to(storage)
+    if reuse is None or not reuse.is_pinned() or reuse.shape != out.shape or reuse.dtype != out.dtype:
+        reuse = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+    return reuse.copy_(out, non_blocking=True)
 
 
 StatsPath = Literal["fused", "hooked", "per_expert"]
@@ -341,7 +355,8 @@ def _collect(block: MoEBlock, stats: LayerStats, stats_path: StatsPath, seen: li
             if seen is not None:
                 seen.append(hidden_states.reshape(-1, block.hidden_size).to("cpu", copy=True))
             if not fused:
-                fused.append(not args and not kwargs and _fused_reproduces(block, hidden_states))
+                plain_call = not args and set(kwargs) <= set(block.ignored_call_arguments)
+                fused.append(plain_call and _fused_reproduces(block, hidden_states))
             if fused[0]:
                 try:
                     out, route, routes = _fused_forward(block, hidden_states)

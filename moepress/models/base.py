@@ -246,6 +246,9 @@ class MoEBlock:
     # router rows after the E routed experts' rows that score something else (Inkling's shared experts,
     # LongCat-Flash's identity experts): a pruned router must keep them, after the kept experts' rows
     extra_router_rows = 0
+    # keyword arguments the model passes the block that its routed output does not depend on (calibration's
+    # fused path runs without them)
+    ignored_call_arguments = ()  # tuple[str, ...]; a class attribute, not a dataclass field
     # the module under which surgery finds the router and experts when `module` is only a view the decoder
     # layer calls (Gemma 4: they are children of the decoder layer itself, whose path is empty); None: `module`
     owner = None  # nn.Module | None; a class attribute, not a dataclass field

@@ -58,6 +58,8 @@ class DeepseekV4Block(MoEBlock):
     """A score-routed layer: scores by the router's own `score_fn` (sqrtsoftplus by default), in the
     router's dtype as the family computes them, over the active experts' logits only."""
 
+    ignored_call_arguments = ("input_ids",)  # the decoder layer passes them; only hash-routed layers read them
+
     def route(self, x, active=None, logits=None) -> RouteResult:
         r = self.routing
         logits, ids, bias = self.active_logits(x, active, logits)
