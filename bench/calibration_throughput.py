@@ -44,24 +44,12 @@ from moepress.calibrate.stats import CalibrationStats, LayerStats  # noqa: E402
 from moepress.models import get_adapter  # noqa: E402
 from moepress.testing import randomize_routers  # noqa: E402
 
-SHAPES = {
-    # DeepSeek-V2-Lite's published config (15.7B parameters, 64 routed experts top-6, 2 shared)
-    "dsv2-lite": dict(
-        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
-        n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6, first_k_dense_replace=1,
-        kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        head_dim=64, routed_scaling_factor=1.0, topk_method="greedy", norm_topk_prob=False,
-        max_position_embeddings=4096, tie_word_embeddings=False,
-    ),
-    "tiny": dict(  # seconds on a CPU: checks the script, measures nothing
-        model_type="deepseek_v2", vocab_size=512, hidden_size=64, intermediate_size=128,
-        moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-        n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1,
-        kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-        head_dim=8, max_position_embeddings=256, tie_word_embeddings=False,
-    ),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale_bench import SHAPES as SCALE_SHAPES  # noqa: E402
+
+# the published DeepSeek-V2-Lite config (15.7B parameters, 64 routed experts top-6, 2 shared) and a
+# CPU-sized one that checks the script ("tiny"), shared with the scale benchmark
+SHAPES = {"dsv2-lite": SCALE_SHAPES["dsv2-lite"], "tiny": SCALE_SHAPES["smoke"]}
 PATHS = ("forward", "per_expert", "hooked", "fused")
 
 

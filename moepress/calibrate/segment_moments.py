@@ -16,6 +16,8 @@ reference the kernel is tested against (`tests/test_calibrate_fast.py`, on the G
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds go without (and need no kernel)
@@ -38,8 +40,6 @@ def segment_moments(values: torch.Tensor, counts: torch.Tensor,
 def use_kernel(values: torch.Tensor) -> bool:
     """Whether the Triton kernel runs for `values`: a GPU tensor (or Triton's CPU interpreter) with
     Triton importable."""
-    import os
-
     if triton is None or values.ndim != 2 or values.shape[0] == 0:
         return False
     return values.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and values.device.type == "cpu")

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moepress.calibrate.runner import _to, capture_inputs, hand_on_rule
+from moepress.calibrate.runner import LayerInputs, _to, capture_inputs, hand_on_rule
 from moepress.errors import MoepressError
 from moepress.methods.scoring import FinalHiddenScorer, HiddenReference, Metric, NextTokenScorer, check_metric
 from moepress.methods.simulate import actions_applied, forward_replaced
@@ -231,22 +231,8 @@ class GreedySearch:
         self.moe_ids = sorted(self.blocks)
         self.num_layers = len(self.layers)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.storage = torch.device(storage) if storage is not None else self.device
-        tokens_per_batch = batch_size * input_ids.shape[1]
-        if candidates_per_forward is None:
-            # CPU matmuls gain nothing from larger batches; accelerators do, up to ~16k tokens a call
-            candidates_per_forward = 1 if self.device.type == "cpu" else max(1, 16384 // tokens_per_batch)
-        self.candidates_per_forward = max(1, candidates_per_forward)
-        self.expert_cache_bytes = expert_cache_bytes
-        self.counts = ForwardCounts()
-        self.input_ids = list(input_ids.split(batch_size))
-        inputs = capture_inputs(model, input_ids, batch_size, self.adapter, self.device, storage=self.storage)
-        self.kwargs = inputs.kwargs_on(self.device)  # per layer and batch
-        self.stats: dict[int, RoutingMass] = {}
-        self.x: dict[int, list[torch.Tensor]] = {}
-        self.mid: dict[int, list[torch.Tensor]] = {}
-        self.inp: dict[int, list[torch.Tensor]] = {}  # whole layers: the decoder layer's input
-        self.whole: set[int] = set()  # MoE layers not of the form h_mid + mlp(x)
+        inputs = self._prepare(input_ids, batch_size, storage, candidates_per_forward, expert_cache_bytes,
+                               self.device)
         final = self._original_pass(inputs.hidden)
         self.metric = metric
         self.norm = self.adapter.final_norm(model)
@@ -269,6 +255,30 @@ class GreedySearch:
         return self.metric == "hidden-js"
 
     # ---- running layers ------------------------------------------------------------------------
+    def _prepare(self, input_ids: torch.Tensor, batch_size: int, storage: torch.device | str | None,
+                 candidates_per_forward: int | None, expert_cache_bytes: int,
+                 capture_device: torch.device) -> LayerInputs:
+        """The search's batching and caches, and the hidden states and arguments entering layer 0 (the
+        embeddings run on `capture_device`)."""
+        self.storage = torch.device(storage) if storage is not None else self.device
+        tokens_per_batch = batch_size * input_ids.shape[1]
+        if candidates_per_forward is None:
+            # CPU matmuls gain nothing from larger batches; accelerators do, up to ~16k tokens a call
+            candidates_per_forward = 1 if self.device.type == "cpu" else max(1, 16384 // tokens_per_batch)
+        self.candidates_per_forward = max(1, candidates_per_forward)
+        self.expert_cache_bytes = expert_cache_bytes
+        self.counts = ForwardCounts()
+        self.input_ids = list(input_ids.split(batch_size))
+        inputs = capture_inputs(self.model, input_ids, batch_size, self.adapter, capture_device,
+                                storage=self.storage)
+        self.kwargs = inputs.kwargs_on(self.device)  # per layer and batch
+        self.stats: dict[int, RoutingMass] = {}
+        self.x: dict[int, list[torch.Tensor]] = {}
+        self.mid: dict[int, list[torch.Tensor]] = {}
+        self.inp: dict[int, list[torch.Tensor]] = {}  # whole layers: the decoder layer's input
+        self.whole: set[int] = set()  # MoE layers not of the form h_mid + mlp(x)
+        return inputs
+
     # while set, `_layer` keeps the state each layer hands the next (`Adapter.carried`): the passes that
     # run the model (original, or under the chosen actions) in order; candidates read what they kept
     recording = False

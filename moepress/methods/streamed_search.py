@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moepress.calibrate.runner import _to, capture_inputs, hand_on_rule
-from moepress.methods.greedy_search import ForwardCounts, GreedySearch, LayerStep, RoutingMass, _stack_states
+from moepress.calibrate.runner import _to, hand_on_rule
+from moepress.methods.greedy_search import GreedySearch, LayerStep, RoutingMass, _stack_states
 from moepress.methods.scoring import FinalHiddenScorer, Metric, NextTokenScorer, check_metric
 from moepress.methods.simulate import actions_applied
 from moepress.plan import LayerAction
@@ -88,26 +88,11 @@ class StreamedGreedySearch(GreedySearch):
         self.blocks = {}  # views of loaded layers only: materialising a layer replaces its parameters
         self.num_layers = len(self.layers)
         self.device = stream.device
-        self.storage = torch.device(storage) if storage is not None else self.device
-        tokens_per_batch = batch_size * input_ids.shape[1]
-        if candidates_per_forward is None:
-            candidates_per_forward = 1 if self.device.type == "cpu" else max(1, 16384 // tokens_per_batch)
-        self.candidates_per_forward = max(1, candidates_per_forward)
-        self.expert_cache_bytes = expert_cache_bytes
         self.reference_cache_bytes = reference_cache_bytes
-        self.counts = ForwardCounts()
         self.metric = metric
-        self.input_ids = list(input_ids.split(batch_size))
         # embeddings run where the streamer keeps them (host); only the running layer is on the device
-        inputs = capture_inputs(self.model, input_ids, batch_size, self.adapter, stream.rest_device,
-                                storage=self.storage)
-        self.hidden0 = inputs.hidden
-        self.kwargs = inputs.kwargs_on(self.device)  # per layer and batch
-        self.stats: dict[int, RoutingMass] = {}
-        self.x: dict[int, list[torch.Tensor]] = {}
-        self.mid: dict[int, list[torch.Tensor]] = {}
-        self.inp: dict[int, list[torch.Tensor]] = {}
-        self.whole: set[int] = set()
+        self.hidden0 = self._prepare(input_ids, batch_size, storage, candidates_per_forward, expert_cache_bytes,
+                                     stream.rest_device).hidden
         # the final norm (and the LM head for next-token metrics) join the device for the search
         self._moved = [self.adapter.final_norm(self.model)]
         if metric != "hidden-js":

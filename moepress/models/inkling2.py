@@ -41,23 +41,14 @@ def hand_on_block_states(layer, kwargs: dict, hidden_in, output) -> dict:
 # the LM head has `unpadded_vocab_size` rows (padded to `vocab_size` on disk)
 _TINY = dict(layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"], unpadded_vocab_size=128)
 
-declare(Family(
-    name="inkling2_text",
-    model_types=("inkling2_text",),
-    routing=inkling2_routing,
-    num_experts_key="n_routed_experts",
-    correction_bias="e_score_correction_bias",
-    state_arguments=("block_states",),
-    hand_on=hand_on_block_states,
-    tiny=_TINY,
-))
-declare(Family(
-    name="inkling2_loop_text",
-    model_types=("inkling2_loop_text",),
-    routing=inkling2_routing,
-    num_experts_key="n_routed_experts",
-    correction_bias="e_score_correction_bias",
-    state_arguments=("block_states",),
-    hand_on=hand_on_block_states,
-    tiny=_TINY,
-))
+for _name in ("inkling2_text", "inkling2_loop_text"):  # two families: each is tested on its own tiny model
+    declare(Family(
+        name=_name,
+        model_types=(_name,),
+        routing=inkling2_routing,
+        num_experts_key="n_routed_experts",
+        correction_bias="e_score_correction_bias",
+        state_arguments=("block_states",),
+        hand_on=hand_on_block_states,
+        tiny=_TINY,
+    ))
