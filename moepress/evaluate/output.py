@@ -103,7 +103,14 @@ def evaluate_output(
         "device": str(next(compressed.parameters()).device),
         "dtype": str(next(compressed.parameters()).dtype).removeprefix("torch."),
     }
-    return result, write_json_into(out, EVAL_FILE, result) if write else None
+    if not write:
+        return result, None
+    written = write_json_into(out, EVAL_FILE, result)
+    if written is not None:  # a moepress output's model card gets the table (the rest of the card is kept)
+        from moepress.io.model_card import update_card_eval
+
+        update_card_eval(out, result)
+    return result, written
 
 
 def bench_output(

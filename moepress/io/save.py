@@ -35,6 +35,7 @@ from moepress.atomic import atomic_dir, check_output
 from moepress.errors import MoepressError
 from moepress.io.load import load
 from moepress.io.manifest import MANIFEST_FILE, Manifest, moepress_version
+from moepress.io.model_card import write_model_card
 from moepress.io.sizes import size_by_component
 from moepress.modules.model_type import (
     compressed_class_name,
@@ -196,8 +197,10 @@ def finish_folder(tmp: Path, model: nn.Module, plan: CompressionPlan, source: Pa
         params_after=params,
         bytes_before=record.bytes,
         bytes_after=nbytes,
+        dense_layers=record.dense_layers,
     )
     (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=1) + "\n")
+    write_model_card(tmp, source)  # README.md: the Hugging Face model card
 
 
 def _finish_config(path: Path, structure: dict | None, source_type: str, config_class: str) -> None:
