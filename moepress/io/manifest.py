@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -29,3 +30,6 @@ class Manifest(BaseModel):
     params_after: dict[str, int]
     bytes_before: dict[str, int]
     bytes_after: dict[str, int]
+    # condensed or dropped layers written as the family's own dense MLP (zero-padded), and the bytes
+    # of zeros that costs (`surgery.dense`); None: no such layer
+    dense_layers: dict[str, Any] | None = None

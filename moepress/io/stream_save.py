@@ -26,7 +26,14 @@ from moepress.calibrate.streaming import Streamer, release
 from moepress.errors import MoepressError
 from moepress.io.save import finish_folder
 from moepress.plan import CompressionPlan
-from moepress.surgery.apply import finish_model, prepare, rebuild_layer, source_record, uniform_expert_count
+from moepress.surgery.apply import (
+    dense_ids,
+    finish_model,
+    prepare,
+    rebuild_layer,
+    source_record,
+    uniform_expert_count,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -39,8 +46,10 @@ def save_compressed_streaming(
     dtype: torch.dtype = torch.bfloat16,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    dense_layers: str = "auto",
 ) -> Path:
-    """Write `plan` applied to the checkpoint folder `source` into `out`, one layer at a time."""
+    """Write `plan` applied to the checkpoint folder `source` into `out`, one layer at a time
+    (`dense_layers` as for `apply_plan`)."""
     source = Path(source)
     out = check_output(out, overwrite, inputs=(source,))
     config = source / "config.json"
@@ -51,10 +60,10 @@ def save_compressed_streaming(
     try:
         model = streamer.model
         model.config._name_or_path = str(source)
-        adapter, blocks, structure = prepare(model, plan)
+        adapter, blocks, structure = prepare(model, plan, dense_layers)
         del blocks  # they reference the original experts modules, which must be freed layer by layer
         record = source_record(model, adapter)
-        uniform = uniform_expert_count(model, plan, adapter)
+        uniform = uniform_expert_count(model, plan, adapter, dense=dense_ids(structure))
         with atomic_dir(out, overwrite) as tmp:
             weight_map: dict[str, str] = {}
             total = len(streamer.layers) + 1
@@ -62,7 +71,7 @@ def save_compressed_streaming(
                 layer = streamer.load_layer(i)
                 replaced = list(layer.modules())  # the modules rebuilding may swap out of the layer
                 if str(i) in structure["layers"]:
-                    rebuild_layer(model.config, structure, layer, adapter.block(i, layer), plan, i)
+                    rebuild_layer(model.config, structure, layer, adapter.block(i, layer), plan, i, adapter=adapter)
                 state = {f"{streamer.prefixes[i]}.{k}": v for k, v in layer.state_dict().items()}
                 # the on-disk layout save_pretrained writes (e.g. per-expert tensors where memory fuses them)
                 state = revert_weight_conversion(model, state)

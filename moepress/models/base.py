@@ -469,6 +469,21 @@ class MoEBlock:
         return out.reshape(shape)
 
 
+@dataclass(frozen=True)
+class DensePlacement:
+    """Where a family's own config can make a decoder layer dense (Qwen's `mlp_only_layers`), and the
+    dense MLP the family's decoder layer then builds there: `down(act(gate x) * up x)` (no gate when
+    not `gated`), no bias, `width` intermediate rows, parameters `gate_proj`, `up_proj`, `down_proj`.
+    Surgery writes a condensed or dropped MoE layer as that MLP (zero-padded to `width`) where it can,
+    so the output stays a plain checkpoint of the source architecture (`surgery.dense`)."""
+
+    key: str  # config field listing the dense layers' ids
+    path: str  # where the dense MLP sits under the decoder layer
+    width: int  # its intermediate size
+    hidden_act: str  # its activation (an ACT2FN name)
+    gated: bool = True
+
+
 class Adapter:
     """Family knowledge: where the MoE pieces live and how the family routes."""
 
@@ -512,6 +527,16 @@ class Adapter:
 
     def block(self, layer_idx: int, layer: nn.Module) -> MoEBlock:
         raise NotImplementedError
+
+    def dense_placement(self, config) -> DensePlacement | None:
+        """Where `config` can list a decoder layer as the family's dense MLP (see `DensePlacement`);
+        None (the default): it cannot, and condensed or dropped layers stay moepress modules."""
+        return None
+
+    def dense_mlp(self, config) -> nn.Module:
+        """An empty dense MLP of the family at `dense_placement(config).width` rows, as the family's
+        decoder layer builds it for a listed layer (in the ambient device; weights load later)."""
+        raise NotImplementedError(f"{self.family} places no dense layer")
 
     def matches(self, model: nn.Module) -> bool:
         # a compressed checkpoint's own model_type (`moepress_deepseek_v2`) is of its source's family

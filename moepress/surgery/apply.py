@@ -11,6 +11,9 @@ Per MoE layer:
 - `condense`: the whole block becomes one `CondensedMLP` (or `CondensedExperts`); a block whose shared
   output depends on routing (`condense_keeps_router`) stays, only its experts become `FixedWeightExperts`.
 - `drop`: the whole block becomes a `DroppedMLP` (residual only).
+- Where the family's config can list dense layers (Qwen's `mlp_only_layers`) and that keeps the whole
+  output plain, condensed and dropped layers become the family's own dense MLP instead, zero-padded
+  (`surgery.dense`; `dense_layers="never"` opts out).
 
 What a pruned router computes, per family (the scores are over the remaining rows only, so a
 softmax renormalises over the kept experts and novices):
@@ -28,14 +31,15 @@ Group-limited routing needs the remaining count to split into `n_group` equal gr
 before any tensor moves.
 
 The config records the result: when the original architecture expresses it (every MoE layer pruned
-to the same number of experts, no novices, nothing condensed or dropped) the family's expert-count
-field is updated and nothing else; otherwise `config.moepress_structure` describes every changed
-layer (see `moepress.modules.compressed`), which is what a written checkpoint is rebuilt from.
+to the same number of experts, no novices, nothing condensed or dropped but as the family's dense
+layers) the family's expert-count field (and dense-layer list) is updated and nothing else;
+otherwise `config.moepress_structure` describes every changed layer (see `moepress.modules.compressed`),
+which is what a written checkpoint is rebuilt from.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -53,6 +57,7 @@ from moepress.modules.compressed import (
     set_num_experts,
 )
 from moepress.plan import CompressionPlan, Condense, Drop, Keep, LayerAction, Prune, model_fingerprint
+from moepress.surgery.dense import dense_layer_ids, dense_state, describe_dense
 from moepress.surgery.merge import write_merges
 
 
@@ -66,25 +71,37 @@ class SourceRecord:
     params: dict[str, int]
     bytes: dict[str, int]
     adapter: Adapter
+    # the manifest's word on layers written as the family's own dense MLP (`surgery.dense`); None: none
+    dense_layers: dict[str, Any] | None = None
 
 
-def apply_plan(model: nn.Module, plan: CompressionPlan) -> nn.Module:
+def apply_plan(model: nn.Module, plan: CompressionPlan, *, dense_layers: str = "auto") -> nn.Module:
     """Compress `model` in place as `plan` says and return it. Raises MoepressError before any tensor
-    moves when the plan does not fit the model."""
-    adapter, blocks, structure = prepare(model, plan)
+    moves when the plan does not fit the model. `dense_layers` ("auto" or "never"): whether condensed
+    and dropped layers may become the family's own dense layers (`surgery.dense`)."""
+    adapter, blocks, structure = prepare(model, plan, dense_layers)
     record = source_record(model, adapter)
-    uniform = uniform_expert_count(model, plan, adapter)  # before any layer changes
+    uniform = uniform_expert_count(model, plan, adapter, dense=dense_ids(structure))  # before any layer changes
     layers = adapter.layers(model)
     for idx in structure["layers"]:
         i = int(idx)
-        rebuild_layer(model.config, structure, layers[i], blocks[i], plan, i)
+        rebuild_layer(model.config, structure, layers[i], blocks[i], plan, i, adapter=adapter)
     finish_model(model, adapter, structure, record, uniform)
     return model
 
 
-def prepare(model: nn.Module, plan: CompressionPlan) -> tuple[Adapter, dict[int, MoEBlock], dict[str, Any]]:
+def dense_ids(structure: dict[str, Any]) -> set[int]:
+    """The layers `structure` writes as the family's own dense MLP."""
+    return set(structure.get("dense", {}).get("layers", ()))
+
+
+def prepare(
+    model: nn.Module, plan: CompressionPlan, dense_layers: str = "auto"
+) -> tuple[Adapter, dict[int, MoEBlock], dict[str, Any]]:
     """Check `plan` against `model` (shapes only: works on a meta-device skeleton) and describe the
-    compressed structure; returns the adapter, the blocks the plan changes and the structure."""
+    compressed structure; returns the adapter, the blocks the plan changes and the structure (whose
+    `dense` entry, if any, names the layers written as the family's dense MLP: `finish_model` moves
+    them to the config's own list)."""
     if getattr(model.config, "moepress_structure", None) is not None:
         raise MoepressError(
             "this model was already compressed (it carries a moepress structure); apply plans to the original"
@@ -95,7 +112,19 @@ def prepare(model: nn.Module, plan: CompressionPlan) -> tuple[Adapter, dict[int,
     blocks = {i: adapter.block(i, layers[i]) for i, a in plan.layers.items() if not isinstance(a, Keep)}
     for i, block in blocks.items():
         _check_fits(block, plan.action(i))
-    return adapter, blocks, describe(model, plan, adapter, blocks)
+    structure = describe(model, plan, adapter, blocks)
+    ids = dense_layer_ids(model, plan, adapter, blocks, dense_layers)
+    if ids:
+        placement = adapter.dense_placement(model.config)
+        up = blocks[ids[0]].experts.weights(0)[1]
+        specs = {i: structure["layers"][str(i)] for i in ids}
+        rows = {i: spec.get("shared_rows", 0) + spec.get("routed_rows", 0) for i, spec in specs.items()}
+        structure["dense"] = describe_dense(
+            placement, ids, rows, blocks[ids[0]].hidden_size, up.element_size(), placement.gated
+        )
+        for i in ids:
+            structure["layers"][str(i)]["dense"] = True
+    return adapter, blocks, structure
 
 
 def source_record(model: nn.Module, adapter: Adapter) -> SourceRecord:
@@ -114,7 +143,15 @@ def finish_model(
     model: nn.Module, adapter: Adapter, structure: dict[str, Any], record: SourceRecord, uniform: int | None
 ) -> None:
     """Once every changed layer is rebuilt: the config says what the checkpoint holds (`uniform`: the
-    routed-expert count when the result is expressible in the original architecture)."""
+    routed-expert count when the result is expressible in the original architecture; layers written as
+    the family's dense MLP join the config's list of them)."""
+    dense = structure.get("dense")
+    if dense:
+        text = model.config.get_text_config()
+        setattr(text, dense["key"], sorted(set(getattr(text, dense["key"], None) or []) | set(dense["layers"])))
+        layers = {k: v for k, v in structure["layers"].items() if not v.get("dense")}
+        structure = {k: v for k, v in structure.items() if k != "dense"} | {"layers": layers}
+        record = replace(record, dense_layers=dense_note(dense))
     if uniform is not None:
         set_num_experts(model.config.get_text_config(), adapter.num_experts_key, uniform)
     elif structure["layers"]:
@@ -122,14 +159,46 @@ def finish_model(
     model.moepress_source = record
 
 
+def dense_note(dense: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest says of layers written as the family's dense MLP."""
+    return {
+        "config_field": dense["key"],
+        "layers": dense["layers"],
+        "width": dense["width"],
+        "zero_bytes": dense["zero_bytes"],
+        "note": (
+            "condensed or dropped MoE layers written as the family's own dense MLP, zero-padded to its width "
+            f"and listed in `{dense['key']}`, so the checkpoint loads as the source architecture; the zero "
+            "rows (a dropped layer is all zeros) cost zero_bytes, which moepress's own modules would not "
+            "(apply with dense_layers='never' for those)"
+        ),
+    }
+
+
 @torch.no_grad()
 def rebuild_layer(
-    config, structure: dict[str, Any], layer: nn.Module, block: MoEBlock, plan: CompressionPlan, i: int
+    config,
+    structure: dict[str, Any],
+    layer: nn.Module,
+    block: MoEBlock,
+    plan: CompressionPlan,
+    i: int,
+    adapter: Adapter | None = None,
 ) -> None:
-    """Replace decoder layer i's MLP pieces in place by their compressed form (`structure`'s entry)."""
+    """Replace decoder layer i's MLP pieces in place by their compressed form (`structure`'s entry;
+    `adapter` builds the family's dense MLP for a layer written as one)."""
     state = _layer_state(block, plan.action(i), plan.novices(i), structure, plan.alignments(i))
-    with torch.device("meta"):
-        new = build_layer(config, structure, layer, structure["layers"][str(i)])
+    if structure["layers"][str(i)].get("dense"):
+        if adapter is None:
+            raise ValueError(f"layer {i} becomes the family's dense MLP; pass the adapter that builds it")
+        dense = structure["dense"]
+        values = dense_state(block, plan.action(i), state, structure["mlp"], dense["width"])
+        with torch.device("meta"):
+            new = {dense["path"]: adapter.dense_mlp(config)}
+        state = {f"{dense['path']}.{k}": v for k, v in values.items()}
+    else:
+        with torch.device("meta"):
+            new = build_layer(config, structure, layer, structure["layers"][str(i)])
     for path, module in new.items():
         module.load_state_dict(
             {k[len(path) + 1 :]: v for k, v in state.items() if k.startswith(path + ".")},
@@ -154,10 +223,11 @@ def _block_expert_tensors(block: MoEBlock) -> dict[str, torch.Tensor]:
 
 
 def uniform_expert_count(
-    model: nn.Module, plan: CompressionPlan, adapter: Adapter | None = None
+    model: nn.Module, plan: CompressionPlan, adapter: Adapter | None = None, dense: set[int] | None = None
 ) -> int | None:
     """The routed-expert count of every MoE layer when the plan's result is expressible in the
-    original architecture (same count everywhere, no novices, no condense/drop), else None."""
+    original architecture (same count everywhere, no novices, no condense/drop but in `dense`: layers
+    written as the family's own dense MLP, which leave the MoE layers), else None."""
     adapter = adapter or get_adapter(model)
     if adapter.expert_count_shared:  # the count also sizes other modules: a pruned model keeps it
         return None
@@ -169,6 +239,8 @@ def uniform_expert_count(
             config = getattr(config, name)
         counts.add(config)
     for i in adapter.moe_layer_ids(model):
+        if dense and i in dense:
+            continue
         action = plan.action(i)
         if isinstance(action, Condense | Drop) or (isinstance(action, Prune) and action.novices):
             return None
