@@ -89,13 +89,20 @@ def _expert_modules(block) -> list[nn.Module]:
     return [block.module.get_submodule(p) for p in block.expert_parts] or [block.experts.module]
 
 
-def predict_size(model: nn.Module, plan: CompressionPlan) -> Size:
-    """Parameters and bytes of the checkpoint `plan` would produce from `model` (not changed)."""
+def predict_size(model: nn.Module, plan: CompressionPlan, dense_layers: str = "auto") -> Size:
+    """Parameters and bytes of the checkpoint `plan` would produce from `model` (not changed); layers
+    written as the family's own dense MLP (`surgery.dense`, `dense_layers` as for `apply_plan`) count
+    its full width, zero rows included."""
+    from moepress.surgery.dense import dense_layer_ids
+
     adapter = get_adapter(model)
     plan.validate_for(model, adapter)
     total = size_of(model)
     params, nbytes = total.params, total.bytes
     layers = adapter.layers(model)
+    changed = {i: adapter.block(i, layers[i]) for i, a in plan.layers.items() if isinstance(a, Condense | Drop)}
+    dense = set(dense_layer_ids(model, plan, adapter, changed, dense_layers))
+    width = adapter.dense_placement(model.config).width if dense else 0
     for i, action in plan.layers.items():
         if not isinstance(action, Prune | Condense | Drop):
             continue
@@ -107,7 +114,10 @@ def predict_size(model: nn.Module, plan: CompressionPlan) -> Size:
         shared_gate = keep_shared and block.shared_gate is not None
         post_norm = getattr(block, "post_norm", None)  # a condensed block keeps the block's output norm
         norm = _sum(t for _, t in saved_tensors(post_norm)) if post_norm is not None else Size(0, 0)
-        if isinstance(action, Drop) and block.drop_keeps_router:  # the block less its experts
+        if i in dense:  # the family's dense MLP at its full width
+            n = (2 if gate is None else 3) * width * hidden
+            new = Size(n, n * itemsize)
+        elif isinstance(action, Drop) and block.drop_keeps_router:  # the block less its experts
             gone = _sum(t for _, t in saved_tensors(block.experts.module))
             new = Size(old.params - gone.params, old.bytes - gone.bytes)
         elif isinstance(action, Drop):  # a block on the layer itself (`owner`) keeps the router the layer calls
