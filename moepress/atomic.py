@@ -32,14 +32,49 @@ def check_output(out: str | Path, overwrite: bool = False, inputs: tuple[str | P
     for src in inputs:
         if src is not None and Path(src).exists() and out.resolve() == Path(src).resolve():
             raise MoepressError(f"output {out} is the input; choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise MoepressError(f"output {out} is a file, not a folder; choose another output folder")
     if out.exists() and not overwrite:
         raise MoepressError(f"output {out} already exists; pass --overwrite or choose another folder")
-    parent = out.resolve().parent
-    if not parent.exists():
-        raise MoepressError(f"output's parent folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise MoepressError(f"cannot write in {parent} (read-only or no permission); choose another output")
+    check_parent(out)
     return out
+
+
+def check_output_file(
+    path: str | Path,
+    overwrite: bool = False,
+    what: str = "output file",
+    example: str = "out.html",
+    make_parents: bool = False,
+) -> Path:
+    """`check_output` for a single file (a plan, a report page): not a folder, not an existing file
+    unless `overwrite`, in a folder that exists (or, `make_parents`, can be made) and can be written."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise MoepressError(f"{what} {path} is a folder; give a file name such as {path / example}")
+    if path.exists() and not overwrite:
+        raise MoepressError(f"{what} {path} already exists; pass --overwrite or choose another name")
+    check_parent(path, what, make_parents)
+    return path
+
+
+def check_parent(out: Path, what: str = "output", make_parents: bool = False) -> None:
+    """The folder `out` goes into exists (or, `make_parents`, its nearest existing ancestor does), is a
+    folder (no regular file on the way) and is writable."""
+    parent = out.resolve().parent
+    for p in (parent, *parent.parents):  # the nearest existing folder on the way must not be a file
+        if p.exists():
+            if not p.is_dir():
+                raise MoepressError(
+                    f"{what} {out} cannot be written: {p} is a file, not a folder; choose another {what} path"
+                )
+            if make_parents:
+                parent = p
+            break
+    if not parent.exists():
+        raise MoepressError(f"{what}'s parent folder {parent} does not exist; create it first (mkdir -p {parent})")
+    if not os.access(parent, os.W_OK):
+        raise MoepressError(f"cannot write in {parent} (read-only or no permission); choose another {what}")
 
 
 def sibling(out: Path, kind: str) -> Path:

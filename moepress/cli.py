@@ -207,10 +207,12 @@ def plan(
     stream: StreamOpt = False,
 ) -> None:
     """Decide what to compress, change nothing: statistics (or a search on --data) → plan JSON."""
+    from moepress.atomic import check_output_file
     from moepress.compression import plan_for, write_plan
 
     if method is None:
         raise MoepressError("give --method, e.g. --method mone --ratio 0.25")
+    check_output_file(out, overwrite, what="plan file", example="plan.json")  # before any work
     made = plan_for(
         model, method, stats=stats, data=data, ratio=ratio, layers=layers, experts=experts,
         memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,

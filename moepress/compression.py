@@ -602,16 +602,10 @@ def write_plan(plan, path: str | Path, overwrite: bool = False) -> Path:
     """Save `plan` (JSON + novice sidecar) as `path`, both files or neither, refusing to overwrite."""
     import os
 
-    from moepress.atomic import remove_stale_siblings, sibling
+    from moepress.atomic import check_output_file, remove_stale_siblings, sibling
     from moepress.plan import sidecar_path
 
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise MoepressError(f"plan output {path} is a folder; give a file name such as {path / 'plan.json'}")
-    if path.exists() and not overwrite:
-        raise MoepressError(f"plan file {path} already exists; pass --overwrite or choose another name")
-    if not path.resolve().parent.is_dir():
-        raise MoepressError(f"plan output's folder {path.resolve().parent} does not exist; create it first")
+    path = check_output_file(path, overwrite, what="plan file", example="plan.json")
     remove_stale_siblings(path)  # left by a writer that was killed
     tmp = sibling(path, "tmp")
     tmp.mkdir()

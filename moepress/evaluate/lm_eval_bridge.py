@@ -60,6 +60,28 @@ def _require_lm_eval():
     return HFLM, TaskManager
 
 
+def unknown_tasks_message(unknown: Sequence[str]) -> str:
+    """One line naming the unknown tasks and where the known ones are listed."""
+    return (
+        f"unknown task(s) {', '.join(unknown)}; local tasks (with --task-data DIR): {', '.join(local_tasks())}; "
+        "lm-eval's own tasks are listed by `lm-eval ls tasks`"
+    )
+
+
+def check_task_names(tasks: Sequence[str], include_path: str | Path | None = None) -> None:
+    """Raise one MoepressError naming every task that is neither a shipped local task nor known to lm-eval
+    (nor in `include_path`), before any model is loaded; names that are all local need no lm-eval index."""
+    shipped = set(local_tasks())
+    others = [t for t in tasks if t.removesuffix("_local") not in shipped]
+    if not others:
+        return
+    _, TaskManager = _require_lm_eval()
+    manager = TaskManager(include_path=[str(include_path)] if include_path else None)
+    unknown = [t for t in others if t not in manager.all_tasks]
+    if unknown:
+        raise MoepressError(unknown_tasks_message(unknown))
+
+
 def _data_file(base: str, data_files: Mapping[str, str | Path], data_dir: str | Path | None) -> Path:
     explicit = data_files.get(base) or data_files.get(f"{base}_local")
     if explicit is not None:
@@ -149,10 +171,7 @@ def run_tasks(
         manager = TaskManager(include_path=includes, **own)
         unknown = [t for t in resolved if t not in manager.all_tasks]
         if unknown:
-            raise MoepressError(
-                f"unknown task(s) {', '.join(unknown)}; use one of {', '.join(local_tasks())} with local "
-                "data, an lm-eval task name, or a task YAML folder via include_path"
-            )
+            raise MoepressError(unknown_tasks_message(unknown))
         from lm_eval.api.model import LM
 
         lm = model if isinstance(model, LM) else HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

@@ -84,11 +84,19 @@ def evaluate_output(
         raise MoepressError(
             "nothing to evaluate; give --ppl FILE, --tasks T1,T2, --task-set cd-moe|mone or --against MODEL"
         )
+    for name, value, least in (("--batch-size", batch_size, 1), ("--max-tokens", max_tokens, 2),
+                               ("--limit", task_limit, 1)):
+        if value is not None and value < least:  # before the models load: one line, not a traceback
+            raise MoepressError(f"{name} must be at least {least} (got {value})")
     if ppl is not None and not Path(ppl).is_file():
         raise MoepressError(f"perplexity text {ppl} does not exist; pass a .txt/.jsonl/.parquet file")
     if task_data is not None and not Path(task_data).is_dir():
         raise MoepressError(f"--task-data {task_data} is not a folder; it holds <task>.jsonl files")
     missing_task_data([*(tset.tasks if tset else []), *tasks], task_data)
+    if tasks:  # an unknown name fails here, in one line, not after the models have loaded
+        from moepress.evaluate.lm_eval_bridge import check_task_names
+
+        check_task_names(tasks)
     compressed, original, tokenizer = _load_pair(out, against, device, dtype, trust_remote_code, allow_pickle)
     ppl_ids = None if ppl is None else load_eval_ids(tokenizer, ppl, max_tokens=max_tokens)
     result = evaluate_pair(
@@ -137,6 +145,10 @@ def bench_output(
     from moepress.evaluate.report_table import comparison_rows
     from moepress.evaluate.speed import compare_speed
 
+    for name, value in (("batch sizes", min(batch_sizes or [1])), ("prompt length", prompt_len),
+                        ("new tokens", new_tokens), ("repeats", repeats)):
+        if value is not None and value < 1:  # before the models load: one line, no loading output
+            raise MoepressError(f"{name} must be positive (got {value})")
     compressed, original, _ = _load_pair(out, against, device, dtype, trust_remote_code, allow_pickle)
     cpu = next(compressed.parameters()).device.type != "cuda"
     kwargs = dict(CPU_SPEED if cpu else GPU_SPEED)

@@ -54,6 +54,8 @@ def remote_base(config: Mapping[str, Any]) -> bool:
     structure = config.get("moepress_structure")
     if structure is not None:
         return str(structure.get("base", {}).get("module", "")).startswith(".")
+    if "approximate_experts" in config:  # its auto_map names the folder's loader for the native format
+        return False
     return "auto_map" in config
 
 

@@ -26,6 +26,10 @@ def write_report(out: Path, *, stats_dir: Path | None = None, dest: Path | None 
     the statistics in `stats_dir` (default OUT/moepress_stats/), and the plans and evaluations of the
     folders beside OUT; raises MoepressError when OUT is not a moepress output.
     """
+    from moepress.atomic import check_output_file
+
+    if dest is not None:  # before any work: a file in the way ends in one line, not a traceback
+        check_output_file(dest, overwrite=True, what="report file", example=REPORT_FILE, make_parents=True)
     page = render_report(Path(out), stats_dir=stats_dir)
     dest = Path(dest) if dest is not None else Path(out) / REPORT_FILE
     dest.parent.mkdir(parents=True, exist_ok=True)
