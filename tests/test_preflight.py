@@ -175,6 +175,32 @@ def test_unknown_family(tiny, calib, outs, tmp_path):
     refused(["calibrate", model, "--data", calib, *ARGS, "-o", outs / "stats"], fix="check model_type", outs=outs)
 
 
+def _later_families() -> list[str]:
+    """A made-up family of a future transformers (on every release), and the first real family the installed
+    release lacks (on an old one)."""
+    from moepress.models.families import NEEDS_NEWER_TRANSFORMERS, supported_model_types
+
+    supported_model_types()  # registers the families, filling NEEDS_NEWER_TRANSFORMERS
+    return ["acme2_moe", *sorted(NEEDS_NEWER_TRANSFORMERS)[:1]]
+
+
+@pytest.mark.parametrize("model_type", _later_families())
+def test_family_of_a_later_transformers(model_type, tiny, calib, outs, tmp_path, monkeypatch):
+    """A family moepress declares for a later transformers than the installed one: one line naming the release."""
+    from moepress.models.families import NEEDS_NEWER_TRANSFORMERS
+
+    if model_type == "acme2_moe":
+        monkeypatch.setitem(NEEDS_NEWER_TRANSFORMERS, model_type, "5.99")
+    since = NEEDS_NEWER_TRANSFORMERS[model_type]
+    model = Path(shutil.copytree(tiny, tmp_path / model_type))
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type=model_type)
+    (model / "config.json").write_text(json.dumps(config))
+    for args in (["inspect", model], ["calibrate", model, "--data", calib, *ARGS, "-o", outs / "stats"]):
+        message = refused(args, fix="pip install -U transformers", outs=outs)
+        assert f"model type '{model_type}' needs transformers >= {since}" in message
+
+
 def test_remote_code_needs_the_flag(remote_code_dir, calib, outs):
     refused(["calibrate", remote_code_dir, "--data", calib, *ARGS, "-o", outs / "stats"], fix="--trust-remote-code",
             outs=outs)

@@ -84,6 +84,10 @@ def load(
             f"{folder} was compressed from a remote-code model whose architecture is code in the folder; "
             "pass trust_remote_code=True if you trust it"
         )
+    if isinstance(raw.get("model_type"), str) and not remote:
+        from moepress.models.families import check_model_type
+
+        check_model_type(raw["model_type"])  # compressed from a family of a later transformers
     kwargs = {} if dtype is None else {"dtype": dtype}
     structure = raw.get("moepress_structure")
     if structure is None:

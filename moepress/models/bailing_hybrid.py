@@ -13,6 +13,7 @@ from moepress.models.sigmoid_routing import moe_tiny, v3_routing
 
 declare(Family(
     name="bailing_hybrid",
+    since="5.20",
     model_types=("bailing_hybrid",),
     routing=v3_routing,
     num_experts_key="num_experts",

@@ -621,7 +621,9 @@ def get_adapter(model: nn.Module, require_moe: bool = True) -> Adapter:
                 raise MoepressError(f"model of family {adapter.family} has no MoE layer; nothing to compress")
             return adapter
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    from moepress.models.families import NO_ADAPTER_YET, is_transformers_moe
+    from moepress.models.families import NO_ADAPTER_YET, check_model_type, is_transformers_moe
+
+    check_model_type(model_type)
 
     if is_transformers_moe(source_model_type(model_type)):
         reason = NO_ADAPTER_YET.get(source_model_type(model_type), "")

@@ -41,6 +41,7 @@ def beam_routing(router, config) -> Routing:
 
 declare(Family(
     name="beam",
+    since="5.21",
     model_types=("beam",),
     routing=beam_routing,
     correction_bias="e_score_correction_bias",

@@ -29,6 +29,7 @@ from moepress.models.base import (
     TransformersExperts,
     register_adapter,
 )
+from moepress.models.families import NEEDS_NEWER_TRANSFORMERS, transformers_knows
 
 RoutingRule = Callable[[nn.Module, Any], Routing]  # (router module, text config) -> Routing
 
@@ -77,6 +78,10 @@ class Family:
     state_arguments: tuple[str, ...] = ()
     hand_on: Callable[[nn.Module, dict, Any, Any], dict] | None = None
     note: str = ""
+    # the transformers release that added the family's model type(s), for families newer than the oldest
+    # release pyproject.toml admits: on an older one the family is not registered, and asking for it says
+    # which release to install (checked against the installed release by tests/test_families.py)
+    since: str | None = None
 
 
 class DeclaredAdapter(Adapter):
@@ -148,7 +153,13 @@ FAMILIES: dict[str, Family] = {}
 
 
 def declare(spec: Family) -> Family:
-    """Register a family declaration (one call per family, in its adapter file)."""
+    """Register a family declaration (one call per family, in its adapter file); a family that came in a
+    later transformers than the installed one (`since`, and transformers does not know its model types)
+    is recorded in `NEEDS_NEWER_TRANSFORMERS` instead, so asking for it names the release to install."""
+    if spec.since is not None and not all(transformers_knows(t) for t in spec.model_types):
+        for model_type in spec.model_types:
+            NEEDS_NEWER_TRANSFORMERS[model_type] = spec.since
+        return spec
     FAMILIES[spec.name] = spec
     register_adapter(DeclaredAdapter(spec))
     return spec

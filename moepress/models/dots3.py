@@ -46,6 +46,7 @@ def _tiny(cfg) -> None:
 
 declare(Family(
     name="dots3_note",
+    since="5.23",
     model_types=("dots3_note", "dots3_note_text"),
     routing=v3_routing,
     num_experts_key="n_routed_experts",

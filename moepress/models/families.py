@@ -42,6 +42,44 @@ def transformers_moe_model_types() -> dict[str, str]:
     return found
 
 
+# model_type -> the transformers release that added it, for each declared family the installed release
+# lacks (filled by `moepress.models.declared.declare`, which registers no adapter for them)
+NEEDS_NEWER_TRANSFORMERS: dict[str, str] = {}
+
+
+def transformers_knows(model_type: str) -> bool:
+    """Whether the installed transformers has a config class (and so the model classes) for `model_type`."""
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
+def needs_newer_transformers(model_type: str) -> str | None:
+    """The one-line reason `model_type` (or the source family of a `moepress_<family>` output) cannot be
+    used with the installed transformers because its family came in a later release; None if it can."""
+    from moepress.models.base import _load_all
+    from moepress.modules.model_type import source_model_type
+
+    _load_all()
+    source = source_model_type(model_type)
+    since = NEEDS_NEWER_TRANSFORMERS.get(source)
+    if since is None:
+        return None
+    import transformers
+
+    return (f"model type {source!r} needs transformers >= {since} (installed: {transformers.__version__}); "
+            "pip install -U transformers")
+
+
+def check_model_type(model_type: str) -> None:
+    """Raise `MoepressError` with `needs_newer_transformers`' line, if it has one."""
+    from moepress.errors import MoepressError
+
+    reason = needs_newer_transformers(model_type)
+    if reason:
+        raise MoepressError(reason)
+
+
 def is_transformers_moe(model_type: str) -> bool:
     """Whether `model_type` is an MoE family of the installed transformers (cheap for known types)."""
     return model_type in transformers_moe_model_types()

@@ -20,6 +20,7 @@ def flint_routing(router, config) -> Routing:
 
 declare(Family(
     name="flint",
+    since="5.21",
     model_types=("flint",),
     routing=flint_routing,
     shared="shared_expert",

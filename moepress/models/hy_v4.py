@@ -16,6 +16,7 @@ from moepress.models.sigmoid_routing import moe_tiny, v3_routing
 
 declare(Family(
     name="hy_v4",
+    since="5.17",
     model_types=("hy_v4",),
     routing=v3_routing,
     num_experts_key="n_routed_experts",

@@ -41,9 +41,11 @@ def hand_on_block_states(layer, kwargs: dict, hidden_in, output) -> dict:
 # the LM head has `unpadded_vocab_size` rows (padded to `vocab_size` on disk)
 _TINY = dict(layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"], unpadded_vocab_size=128)
 
-for _name in ("inkling2_text", "inkling2_loop_text"):  # two families: each is tested on its own tiny model
+# two families, each tested on its own tiny model; the loop variant came one transformers release later
+for _name, _since in (("inkling2_text", "5.23"), ("inkling2_loop_text", "5.24")):
     declare(Family(
         name=_name,
+        since=_since,
         model_types=(_name,),
         routing=inkling2_routing,
         num_experts_key="n_routed_experts",

@@ -12,6 +12,7 @@ from moepress.models.sigmoid_routing import moe_tiny, v3_routing
 
 declare(Family(
     name="kimi_linear",
+    since="5.17",
     model_types=("kimi_linear",),
     routing=v3_routing,
     num_experts_key="num_experts",

@@ -37,6 +37,7 @@ class KolibriBlock(MoEBlock):
 
 declare(Family(
     name="kolibri1",
+    since="5.20",
     model_types=("kolibri1",),
     routing=kolibri_routing,
     shared="shared_experts",

@@ -169,9 +169,12 @@ def _unknown_model_type(folder: Path) -> None:
     from transformers import CONFIG_MAPPING
 
     from moepress.models.base import supported_families
+    from moepress.models.families import check_model_type
 
     config = json.loads((folder / "config.json").read_text())
     model_type = config.get("model_type")
+    if isinstance(model_type, str):
+        check_model_type(model_type)  # a family of a later transformers: name the release
     if model_type is None or model_type in CONFIG_MAPPING or "auto_map" in config:
         return  # another problem (a remote-code config names its own model_type): the generic message
     raise MoepressError(

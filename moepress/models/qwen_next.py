@@ -90,6 +90,7 @@ declare(Family(
 
 declare(Family(
     name="lara_mini",
+    since="5.24",
     model_types=("lara_mini",),
     routing=lara_routing,
     shared="shared_expert",

@@ -16,6 +16,7 @@ from moepress.models.sigmoid_routing import moe_tiny, v3_routing
 for _name in ("sarvam_mla", "sarvam_moe"):
     declare(Family(
         name=_name,
+        since="5.24",
         model_types=(_name,),
         routing=v3_routing,
         num_experts_key="n_routed_experts",
