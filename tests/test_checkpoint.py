@@ -57,6 +57,9 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 KINDS = ("keep", "prune_uniform", "prune_novices", "prune_nonuniform", "condense", "drop")
+# plain too: the condensed or dropped layer becomes the family's own dense MLP listed in `mlp_only_layers`
+# (tests/test_dense_layers.py); Qwen2-MoE's condensed layer keeps its per-token-gated shared expert, so not it
+DENSE_PLAIN = {("qwen2_moe", "drop"), ("qwen3_moe", "condense"), ("qwen3_moe", "drop")}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -75,7 +78,7 @@ def test_round_trip(family, kind, remote_code_model, tmp_path):
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["bytes_before"]["total"] == before.bytes
     assert manifest["bytes_after"]["total"] == predicted.bytes
-    assert manifest["plain_architecture"] == (kind in ("keep", "prune_uniform"))
+    assert manifest["plain_architecture"] == (kind in ("keep", "prune_uniform") or (family, kind) in DENSE_PLAIN)
     assert CompressionPlan.load(out / PLAN_FILE).layers == plan.layers
 
     config = json.loads((out / "config.json").read_text())

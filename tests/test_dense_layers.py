@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import moepress
 from moepress.errors import MoepressError
+from moepress.finetune.trainable import condensed_modules
 from moepress.io import predict_size, save_compressed
 from moepress.io.manifest import MANIFEST_FILE
 from moepress.io.stream_save import save_compressed_streaming
@@ -89,6 +90,7 @@ def test_cd_moe_sr_on_qwen3_moe_is_a_plain_checkpoint(tmp_path):
     assert all(type(layers[i].mlp).__name__ == "Qwen3MoeMLP" for i in moe)
     assert all(layers[i].mlp.up_proj.weight.shape == (64, 32) for i in moe)
     assert compressed.config.mlp_only_layers == [0, *moe]
+    assert condensed_modules(compressed, plan) == {i: layers[i].mlp for i in moe}  # what fine-tuning trains
     want = _logits(compressed)
     torch.testing.assert_close(want, _logits(reference), rtol=0, atol=1e-6)  # the same model as CondensedMLP's
 

@@ -30,6 +30,8 @@ REMOTE = "remote_deepseek_moe"  # a DeepSeekMoE-16B style source whose architect
 FAMILIES = ("deepseek_v2", "qwen2_moe", "olmoe", "mixtral", REMOTE)
 KINDS = ("keep", "prune_uniform", "prune_novices", "prune_nonuniform", "condense", "drop", "mixed")
 PLAIN_KINDS = ("keep", "prune_uniform")  # expressible in the source architecture
+# also expressible: a dropped layer as the family's own (zero) dense MLP in `mlp_only_layers` (test_dense_layers.py)
+DENSE_PLAIN = {("qwen2_moe", "drop")}
 IDS = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(3))
 
 
@@ -65,13 +67,14 @@ def test_plain_transformers_refuses_or_reproduces_the_output(family, kind, tmp_p
     want = _logits(moepress.load(out, trust_remote_code=remote))
     torch.testing.assert_close(want, _logits(model), rtol=0, atol=1e-6)
 
-    if kind in PLAIN_KINDS:
+    plain = kind in PLAIN_KINDS or (family, kind) in DENSE_PLAIN
+    if plain:
         assert config["model_type"] == source_type and ("auto_map" in config) == remote
     else:  # what a serving engine reads: a model_type and an architecture no loader of the source knows
         assert config["model_type"] == f"moepress_{source_type}" and config["model_type"] not in CONFIG_MAPPING
         assert config["architectures"] == [f"Moepress{type(model).__name__}"]
         assert not hasattr(transformers, config["architectures"][0])
-    if kind in PLAIN_KINDS and not remote:
+    if plain and not remote:
         for kwargs in ({}, {"trust_remote_code": False}, {"trust_remote_code": True}):
             plain = AutoModelForCausalLM.from_pretrained(out, **kwargs)
             torch.testing.assert_close(_logits(plain), want, rtol=0, atol=1e-6)
@@ -114,8 +117,13 @@ def test_dsv2_mini_mone_output_is_refused_without_trust(tmp_path):
     assert any(plan.novices(i) for i in plan.layers)
     out = save_compressed(apply_plan(model, plan), plan, tmp_path / "out", source=source)
 
-    assert json.loads((out / "config.json").read_text())["model_type"] == "moepress_deepseek_v2"
-    _assert_refused(out)
+    config = json.loads((out / "config.json").read_text())
+    # every router row kept: vLLM's native format, under the source model_type; transformers' own class
+    # refuses it (the stored experts do not have the configured count), trust_remote_code follows auto_map
+    assert config["model_type"] == "deepseek_v2" and config["approximate_experts"]
+    for kwargs in ({}, {"trust_remote_code": False}):
+        with pytest.raises(RuntimeError, match="mismatch"):
+            AutoModelForCausalLM.from_pretrained(out, **kwargs)
     trusted = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert trusted.dtype == torch.bfloat16
     with torch.no_grad():

@@ -155,7 +155,9 @@ def test_condense_without_shared_keeps_routed_rows_only(make, family):
     i = adapter.moe_layer_ids(model)[0]
     view = copy.deepcopy(adapter.block(i, adapter.layers(model)[i]))
     action = Condense(experts=[1, 4, 6], weights=[0.5, -0.25, 1.5], keep_shared=False)
-    apply_plan(model, CompressionPlan(method="test", layers={i: action}))
+    # the CondensedMLP itself: without its gated shared expert, Qwen2-MoE's layer would otherwise become
+    # the family's own dense MLP (tests/test_dense_layers.py)
+    apply_plan(model, CompressionPlan(method="test", layers={i: action}), dense_layers="never")
     mlp = adapter.layers(model)[i].mlp
     assert mlp.shared_rows == 0 and mlp.shared_gate is None
     assert mlp.gate_proj.weight.shape[0] == 3 * view.expert_intermediate

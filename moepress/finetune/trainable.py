@@ -2,9 +2,10 @@
 
 A condensed layer replaces a whole MoE block with one dense MLP whose fixed routing weights were
 estimated, not learned; those few parameters are where a short fine-tune recovers most (CD-MoE §4).
-The modules are found by type (`CondensedMLP`, what `surgery.apply_plan` builds) inside the decoder
-layers the plan condenses, so a plan that was not applied, or a model from elsewhere, is refused
-instead of silently training the wrong weights.
+The modules are found by type (`CondensedMLP`, what `surgery.apply_plan` builds, or the family's own
+dense MLP at a layer its config lists as dense: `surgery.dense`) inside the decoder layers the plan
+condenses, so a plan that was not applied, or a model from elsewhere, is refused instead of silently
+training the wrong weights.
 """
 
 from __future__ import annotations
@@ -22,13 +23,18 @@ from moepress.plan import CompressionPlan, Condense
 
 def condensed_modules(model: nn.Module, plan: CompressionPlan) -> dict[int, nn.Module]:
     """The `CondensedMLP` of each layer `plan` condenses, by layer index."""
-    layers = get_adapter(model, require_moe=False).layers(model)
+    adapter = get_adapter(model, require_moe=False)
+    layers = adapter.layers(model)
     ids = sorted(i for i, a in plan.layers.items() if isinstance(a, Condense))
     if not ids:
         raise MoepressError(f"plan ({plan.method}) condenses no layer; there is nothing to fine-tune")
+    placement = adapter.dense_placement(model.config)
+    listed = set(getattr(model.config.get_text_config(), placement.key, None) or []) if placement else set()
     out: dict[int, nn.Module] = {}
     for i in ids:
         found = [m for m in layers[i].modules() if isinstance(m, CondensedMLP)]
+        if not found and i in listed:  # written as the family's own dense MLP (`surgery.dense`)
+            found = [layers[i].get_submodule(placement.path)]
         if len(found) != 1:
             raise MoepressError(
                 f"layer {i} holds no condensed MLP; apply the plan first (moepress.surgery.apply_plan)"
