@@ -1,0 +1,75 @@
+"""Every moepress output kind of the bundled Qwen2-MoE and OLMoE minis: vLLM's greedy tokens (float32, CPU)
+equal `moepress.load`'s."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.serving.helpers import (
+    CALIB,
+    prompt_ids,
+    transformers_greedy,
+    vllm_greedy,
+    write_layer_counts,
+    write_native,
+)
+
+MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"
+DATA = MODELS.parent / "data" / "calib.txt"
+MINIS = ("qwen2moe-mini", "olmoe-mini")
+
+# kind -> how to make it from a source folder
+KINDS = {
+    "uniform-prune": lambda src, out: _compress(src, "frequency", out, ratio=0.25),
+    "merge": lambda src, out: _compress(src, "hc-smoe", out, ratio=0.25),
+    "mone": lambda src, out: _compress(src, "mone", out, ratio=0.25),
+    "mone-native": lambda src, out: write_native(src, out),
+    "zero-novice": lambda src, out: _compress(src, "mone-zero-novice", out, ratio=0.25),
+    "layer-counts": write_layer_counts,
+    "cd-moe-s": lambda src, out: _compress(src, "cd-moe-s", out, layers=2),
+    "cd-moe-sr": lambda src, out: _compress(src, "cd-moe-sr", out, layers=2),
+    "layer-drop": lambda src, out: _compress(src, "layer-drop", out, layers=2),
+}
+
+
+def _compress(source: Path, method: str, out: Path, **kwargs) -> Path:
+    import moepress
+
+    return Path(moepress.compress(source, method, out, data=DATA, **CALIB, **kwargs))
+
+
+@pytest.fixture(scope="session")
+def outputs(tmp_path_factory):
+    """Compressed checkpoints, made on first use and kept for the session."""
+    root = tmp_path_factory.mktemp("serving")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(mini: str, kind: str) -> Path:
+        source = MODELS / mini
+        if not (source / "config.json").is_file():
+            pytest.skip(f"{source} not present")
+        if (mini, kind) not in made:
+            made[mini, kind] = KINDS[kind](source, root / f"{mini}-{kind}")
+        return made[mini, kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("mini", MINIS)
+def test_vllm_greedy_equals_transformers(outputs, mini: str, kind: str):
+    folder = outputs(mini, kind)
+    prompts = prompt_ids(folder)
+    assert vllm_greedy(folder, prompts) == transformers_greedy(folder, prompts)
+
+
+def test_plain_source_is_served_as_stock(outputs):
+    """The source architecture the plugin takes over (on vLLM without expert substitution) is stock vLLM
+    for a checkpoint without approximate_experts."""
+    folder = MODELS / "qwen2moe-mini"
+    prompts = prompt_ids(folder)
+    assert vllm_greedy(folder, prompts) == transformers_greedy(folder, prompts)
+    assert "approximate_experts" not in json.loads((folder / "config.json").read_text())
