@@ -45,6 +45,89 @@ def compressed_class(base: type, config_class: type) -> type:
     return type(compressed_class_name(base.__name__), (base,), attrs)
 
 
+@functools.cache
+def native_class(base: type) -> type:
+    """`base` whose `__init__` also builds the novice layers of a native-format (`approximate_experts`)
+    checkpoint; transformers is told the retained experts and novices are filled after it loads."""
+    from moepress.modules.approximate import IGNORED_MISSING, IGNORED_UNEXPECTED
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        apply_structure(self, config.moepress_structure)
+
+    attrs = {
+        "__init__": __init__,
+        # the family's own weight renames apply (transformers skips them for custom classes)
+        "is_custom_code": classmethod(lambda cls: False),
+        "__module__": __name__,
+        "_keys_to_ignore_on_load_missing": IGNORED_MISSING,
+        "_keys_to_ignore_on_load_unexpected": IGNORED_UNEXPECTED,
+    }
+    return type(compressed_class_name(base.__name__), (base,), attrs)
+
+
+class _NovicePlan:
+    """Just enough of a CompressionPlan for `describe`: every listed layer keeps its router rows."""
+
+    def __init__(self, layers: dict[int, list[int]], num_experts: int):
+        from moepress.plan import Prune
+
+        self.actions = {
+            i: Prune(keep_experts=[e for e in range(num_experts) if e not in ids], novices=ids)
+            for i, ids in layers.items()
+        }
+
+    def action(self, i: int):
+        return self.actions[i]
+
+
+def native_template(config, layers: list[int]) -> dict:
+    """Where the family keeps its router and experts (a `moepress_structure` without layers), found
+    by moepress's adapter on a weightless model of `config`; works for any native-format checkpoint,
+    the MoNE reference's included."""
+    from transformers import AutoModelForCausalLM
+
+    from moepress.models.base import get_adapter
+    from moepress.modules.approximate import num_experts
+    from moepress.surgery.apply import describe
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    adapter = get_adapter(skeleton)
+    moe = set(adapter.moe_layer_ids(skeleton))
+    outside = sorted(set(layers) - moe)
+    if outside:
+        raise MoepressError(f"approximate_experts names layer {outside[0]}, which has no MoE block in this model")
+    decoder = adapter.layers(skeleton)
+    blocks = {i: adapter.block(i, decoder[i]) for i in layers}
+    count = num_experts(config, adapter.num_experts_key)
+    structure = describe(skeleton, _NovicePlan({i: [0] for i in layers}, count), adapter, blocks)
+    return {k: v for k, v in structure.items() if k != "layers"}
+
+
+def load_native(folder: Path, kwargs: dict) -> nn.Module:
+    """A checkpoint in vLLM's native MoNE format, checked (config against its tensors) before any
+    weight loads."""
+    from transformers import AutoConfig
+
+    from moepress.modules import approximate
+
+    config = AutoConfig.from_pretrained(folder)
+    raw = getattr(config, approximate.CONFIG_KEY)
+    try:
+        # names that are no layer index are refused, with the rest, by prepare_config's check
+        layers = [int(i) for i, ids in raw.items() if ids and str(i).isdigit()] if isinstance(raw, dict) else []
+        structure = approximate.prepare_config(config, native_template(config, layers))
+        reader = approximate.CheckpointReader(folder)
+        approximate.check_files(structure, reader.names())
+    except ValueError as e:
+        raise MoepressError(f"{folder}: {e}") from None
+    base = resolve_base_class(structure, folder)
+    model = native_class(base).from_pretrained(folder, config=config, **kwargs)
+    approximate.load_native(model, structure, reader, reader.names())
+    return model
+
+
 def resolve_base_class(structure: dict, folder: Path) -> type:
     """The class named by `structure['base']`: from transformers, or from the folder's own code."""
     module, name = structure["base"]["module"], structure["base"]["class"]
@@ -62,7 +145,10 @@ def is_remote_code(config: dict) -> bool:
     structure = config.get("moepress_structure")
     if structure is not None:
         return structure["base"]["module"].startswith(".")
-    return "AutoModelForCausalLM" in config.get("auto_map", {})
+    auto = config.get("auto_map", {}).get("AutoModelForCausalLM", "")
+    if config.get("approximate_experts") and auto.startswith("modeling_moepress."):
+        return False  # moepress's own loader for the native novice format, over transformers' own class
+    return bool(auto)
 
 
 def load(
@@ -90,7 +176,9 @@ def load(
         check_model_type(raw["model_type"])  # compressed from a family of a later transformers
     kwargs = {} if dtype is None else {"dtype": dtype}
     structure = raw.get("moepress_structure")
-    if structure is None:
+    if raw.get("approximate_experts") and structure is None and not remote:
+        model = load_native(folder, kwargs)
+    elif structure is None:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, **kwargs)
     else:
         base = resolve_base_class(structure, folder)

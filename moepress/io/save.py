@@ -6,6 +6,13 @@ source's tokenizer files, `moepress_plan.json` (+ novice sidecar) and `moepress_
 - Expressible in the source architecture (uniform pruning, nothing else): a plain config of the
   source `model_type` with the expert count updated; `AutoModelForCausalLM.from_pretrained` loads it
   with no custom code (and vLLM/SGLang can serve it).
+- Novices only, every router row kept (MoNE and its ablations, `frequency+novice`, `variance`), in a
+  family whose experts are stored one tensor per expert on disk: vLLM's native MoNE format
+  (`moepress/modules/approximate.py`): the source model_type with `config.approximate_experts`,
+  retained experts under their original ids, `<experts>.<id>.approx_value` per novice. vLLM >= 0.33
+  serves it as it is, older vLLM through moepress's plugin; plain transformers refuses it (the stacked
+  experts have the wrong count), `moepress.load` and `trust_remote_code=True` (auto_map) load it.
+  `novice_format="moepress"` writes the next form instead.
 - Otherwise: config.json carries `moepress_structure`, its own `model_type` (`moepress_deepseek_v2`)
   and `architectures` (`MoepressDeepseekV2ForCausalLM`), and an `auto_map` for AutoConfig and
   AutoModelForCausalLM to `modeling_moepress.py` (subclasses of the family's config and model classes;
@@ -26,6 +33,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,6 +45,7 @@ from moepress.io.load import load
 from moepress.io.manifest import MANIFEST_FILE, Manifest, moepress_version
 from moepress.io.model_card import write_model_card
 from moepress.io.sizes import size_by_component
+from moepress.modules import approximate
 from moepress.modules.model_type import (
     compressed_class_name,
     compressed_model_type,
@@ -48,6 +57,7 @@ from moepress.plan import CompressionPlan
 PLAN_FILE = "moepress_plan.json"
 MODELING_FILE = "modeling_moepress.py"
 MODULES_FILE = "moepress_modules.py"
+APPROXIMATE_FILE = "moepress_approximate.py"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -82,6 +92,99 @@ class {model_class}(_Base):
         super().__init__(config)
         apply_structure(self, config.moepress_structure)
 '''
+
+
+_NATIVE_MODELING = '''"""Loads this checkpoint, in vLLM's native MoNE format (`config.approximate_experts`: novice
+experts as constant vectors, retained experts under their original ids), with transformers: the
+{base} architecture whose novice layers are rebuilt before the weights load and filled after.
+Written by moepress {version}; needs only torch and transformers. Without `trust_remote_code=True`
+transformers refuses this folder (the stored experts do not have the configured count).
+"""
+
+from {module} import {base} as _Base
+
+from .moepress_approximate import IGNORED_MISSING, IGNORED_UNEXPECTED, fill_native, prepare_config
+from .moepress_modules import apply_structure
+
+# where the family's router and experts live (written by moepress's adapter for {source_type})
+TEMPLATE = {template}
+
+
+class {model_class}(_Base):
+    _keys_to_ignore_on_load_missing = IGNORED_MISSING
+    _keys_to_ignore_on_load_unexpected = IGNORED_UNEXPECTED
+
+    @classmethod
+    def is_custom_code(cls):
+        return False  # the family's own weight renames apply (transformers skips them for custom classes)
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        structure = getattr(config, "moepress_structure", None)
+        if structure:
+            apply_structure(self, structure)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        if config is None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+        prepare_config(config, TEMPLATE)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+        fill_native(model, pretrained_model_name_or_path)
+        return model
+
+'''
+
+
+def native_candidate(model: nn.Module, structure: dict | None) -> bool:
+    """Whether the plan's result fits vLLM's native novice format: every changed layer keeps all its
+    router rows and replaces some experts by novices, and the base is transformers' own class."""
+    if not structure or not structure["layers"] or structure["base"]["module"].startswith("."):
+        return False
+    if structure.get("expert_parts") or structure.get("sized_by_block"):
+        return False
+    count = approximate.num_experts(model.config, structure["num_experts_key"])
+    return all(
+        spec["action"] == "prune" and spec["experts"] == list(range(count)) and spec["novices"]
+        for spec in structure["layers"].values()
+    )
+
+
+def native_layer(model: nn.Module, structure: dict, idx: int) -> bool:
+    """Whether built novice layer `idx` can be written natively: a `NoviceExperts` whose family stores
+    experts one tensor per expert on disk (a fused disk layout has no per-expert names to keep)."""
+    from moepress.modules.compressed import NoviceExperts
+
+    layer = model.get_submodule(structure["layers_path"])[idx]
+    if not isinstance(layer.get_submodule(structure["mlp"]).get_submodule(structure["experts"]), NoviceExperts):
+        return False
+    try:
+        approximate.layer_expert_names(model, structure, idx)
+    except ValueError:
+        return False
+    return True
+
+
+def native_structure(model: nn.Module, structure: dict | None) -> bool:
+    """Whether `model` (with `structure`, every layer built) is written in vLLM's native novice format."""
+    return native_candidate(model, structure) and all(
+        native_layer(model, structure, int(i)) for i in structure["layers"]
+    )
+
+
+def native_modeling_source(structure: dict, source_type: str) -> str:
+    """`modeling_moepress.py` of a native-format checkpoint (its auto_map's AutoModelForCausalLM)."""
+    template = {k: v for k, v in structure.items() if k != "layers"}
+    return _NATIVE_MODELING.format(
+        base=structure["base"]["class"],
+        module=structure["base"]["module"],
+        version=moepress_version(),
+        source_type=source_type,
+        template=repr(template),
+        model_class=compressed_class_name(structure["base"]["class"]),
+    )
 
 
 def source_class(cls: type) -> type:
@@ -132,18 +235,21 @@ def save_compressed(
     overwrite: bool = False,
     max_shard_size: int | str = "5GB",
     verify: bool = True,
+    novice_format: str = "native",
 ) -> Path:
     """Write `model` (compressed by `apply_plan(model, plan)`) to the folder `out` and return it.
 
     `source` is the original checkpoint folder (default: where the model was loaded from); its
     tokenizer files (and, for remote code, modeling files) are copied, and it is never written.
     `verify` reloads the written folder and compares logits (needs memory for a second copy).
+    `novice_format`: "native" writes novice-only outputs in vLLM's native format where the family
+    allows (see the module docstring), "moepress" always in moepress's own.
     """
+    if novice_format not in ("native", "moepress"):
+        raise MoepressError(f"novice_format is 'native' or 'moepress', not {novice_format!r}")
     record = getattr(model, "moepress_source", None)
     if record is None:
-        raise MoepressError(
-            "the model was not compressed by moepress; call moepress.surgery.apply_plan first"
-        )
+        raise MoepressError("the model was not compressed by moepress; call moepress.surgery.apply_plan first")
     if source is None and record.path and Path(record.path).is_dir():
         source = record.path
     source = Path(source) if source is not None else None
@@ -151,12 +257,37 @@ def save_compressed(
     structure = getattr(model.config, "moepress_structure", None)
     remote = _remote_base(model)
 
+    native = novice_format == "native" and not remote and native_structure(model, structure)
+
     with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        finish_folder(tmp, model, plan, source)
-        if verify:
-            verify_checkpoint(model, tmp, plain=structure is None and not remote, trust_remote_code=remote)
+        if native:
+            try:
+                _write_folder(model, plan, tmp, source, max_shard_size, native=True)
+                if verify:
+                    verify_checkpoint(model, tmp, plain=False)
+            except Exception as err:  # noqa: BLE001 - any failure of the native form falls back to moepress's own
+                # a family whose save-time conversion does not invert cleanly (renames the loader reads
+                # differently, hybrid caches): the moepress format is exact for every family
+                warnings.warn(f"novices written in moepress's format, not vLLM's native one: {err}", stacklevel=2)
+                for child in tmp.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+                native = False
+        if not native:
+            _write_folder(model, plan, tmp, source, max_shard_size, native=False)
+            if verify:
+                verify_checkpoint(model, tmp, plain=structure is None and not remote, trust_remote_code=remote)
     return out
+
+
+def _write_folder(
+    model: nn.Module, plan: CompressionPlan, tmp: Path, source: Path | None, max_shard_size, native: bool
+) -> None:
+    if native:  # the tensors under the native format's names, already in the on-disk layout
+        state = approximate.native_state(model, model.config.moepress_structure)
+        model.save_pretrained(tmp, state_dict=state, save_original_format=False, max_shard_size=max_shard_size)
+    else:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    finish_folder(tmp, model, plan, source, native=native)
 
 
 def _remote_base(model: nn.Module) -> bool:
@@ -168,8 +299,11 @@ def _remote_base(model: nn.Module) -> bool:
     return not type(model).__module__.startswith("transformers.")
 
 
-def finish_folder(tmp: Path, model: nn.Module, plan: CompressionPlan, source: Path | None) -> None:
-    """Everything beside the weights: modeling files, config's auto_map, tokenizer, plan, manifest."""
+def finish_folder(
+    tmp: Path, model: nn.Module, plan: CompressionPlan, source: Path | None, native: bool = False
+) -> None:
+    """Everything beside the weights: modeling files, config's auto_map, tokenizer, plan, manifest
+    (`native`: the weights are in vLLM's native novice format)."""
     record = model.moepress_source
     structure = getattr(model.config, "moepress_structure", None)
     remote = _remote_base(model)
@@ -177,10 +311,20 @@ def finish_folder(tmp: Path, model: nn.Module, plan: CompressionPlan, source: Pa
         _copy_remote_code(model, source, tmp)
     source_type = source_model_type(model.config.model_type)
     config_class = compressed_class_name(source_class(type(model.config)).__name__)
-    if structure is not None:
-        (tmp / MODELING_FILE).write_text(modeling_source(structure, type(model.config), source_type))
-        shutil.copyfile(Path(__file__).parents[1] / "modules" / "compressed.py", tmp / MODULES_FILE)
-    _finish_config(tmp / "config.json", structure, source_type, config_class)
+    modules = Path(__file__).parents[1] / "modules"
+    if native:
+        (tmp / MODELING_FILE).write_text(native_modeling_source(structure, source_type))
+        shutil.copyfile(modules / "compressed.py", tmp / MODULES_FILE)
+        # the copy imports its sibling under the sibling's name in the folder
+        code = (modules / "approximate.py").read_text()
+        code = code.replace("from .compressed import", "from .moepress_modules import")
+        (tmp / APPROXIMATE_FILE).write_text(code)
+        _finish_native_config(tmp / "config.json", structure)
+    else:
+        if structure is not None:
+            (tmp / MODELING_FILE).write_text(modeling_source(structure, type(model.config), source_type))
+            shutil.copyfile(modules / "compressed.py", tmp / MODULES_FILE)
+        _finish_config(tmp / "config.json", structure, source_type, config_class)
     if source is not None:
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
@@ -221,6 +365,22 @@ def _finish_config(path: Path, structure: dict | None, source_type: str, config_
         config["architectures"] = [model_class]
     if auto_map:
         config["auto_map"] = auto_map
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _finish_native_config(path: Path, structure: dict) -> None:
+    """The source architecture's config plus `approximate_experts`, and an auto_map that only
+    `trust_remote_code=True` follows (transformers' own class for the model_type wins otherwise)."""
+    config = json.loads(path.read_text())
+    config.pop("moepress_structure", None)
+    source_type = source_model_type(config["model_type"])
+    base = structure["base"]["class"]
+    config["model_type"] = source_type
+    config["architectures"] = [base]
+    config[approximate.CONFIG_KEY] = {
+        idx: sorted(spec["novices"]) for idx, spec in sorted(structure["layers"].items(), key=lambda kv: int(kv[0]))
+    }
+    config["auto_map"] = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{compressed_class_name(base)}"}
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -269,6 +429,4 @@ def verify_checkpoint(model: nn.Module, folder: Path, plain: bool, trust_remote_
     tol = 1e-5 if p.dtype == torch.float32 else 1e-2
     diff = (want - got).abs().max().item()
     if not diff <= tol * max(1.0, want.abs().max().item()):
-        raise RuntimeError(
-            f"the written checkpoint does not reproduce the model (max logit difference {diff:.3g})"
-        )
+        raise RuntimeError(f"the written checkpoint does not reproduce the model (max logit difference {diff:.3g})")

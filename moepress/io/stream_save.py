@@ -24,7 +24,8 @@ from transformers.modeling_utils import revert_weight_conversion
 from moepress.atomic import atomic_dir, check_output
 from moepress.calibrate.streaming import Streamer, release
 from moepress.errors import MoepressError
-from moepress.io.save import finish_folder
+from moepress.io.save import finish_folder, native_candidate, native_layer
+from moepress.modules import approximate
 from moepress.plan import CompressionPlan
 from moepress.surgery.apply import (
     dense_ids,
@@ -47,9 +48,10 @@ def save_compressed_streaming(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     dense_layers: str = "auto",
+    novice_format: str = "native",
 ) -> Path:
     """Write `plan` applied to the checkpoint folder `source` into `out`, one layer at a time
-    (`dense_layers` as for `apply_plan`)."""
+    (`dense_layers` as for `apply_plan`, `novice_format` as for `save_compressed`)."""
     source = Path(source)
     out = check_output(out, overwrite, inputs=(source,))
     config = source / "config.json"
@@ -64,6 +66,10 @@ def save_compressed_streaming(
         del blocks  # they reference the original experts modules, which must be freed layer by layer
         record = source_record(model, adapter)
         uniform = uniform_expert_count(model, plan, adapter, dense=dense_ids(structure))
+        # decided for good at the first novice layer built (a family stores all its layers alike); the
+        # layers before it are the same in both formats
+        native = novice_format == "native" and native_candidate(model, structure)
+        checked = False
         with atomic_dir(out, overwrite) as tmp:
             weight_map: dict[str, str] = {}
             total = len(streamer.layers) + 1
@@ -73,8 +79,12 @@ def save_compressed_streaming(
                 if str(i) in structure["layers"]:
                     rebuild_layer(model.config, structure, layer, adapter.block(i, layer), plan, i, adapter=adapter)
                 state = {f"{streamer.prefixes[i]}.{k}": v for k, v in layer.state_dict().items()}
-                # the on-disk layout save_pretrained writes (e.g. per-expert tensors where memory fuses them)
-                state = revert_weight_conversion(model, state)
+                if native and not checked and str(i) in structure["layers"]:
+                    native, checked = native_layer(model, structure, i), True
+                if native:  # retained experts under their original ids, plus the novices' approx_value
+                    state = approximate.native_layer_state(model, structure, i, streamer.prefixes[i])
+                else:  # the on-disk layout save_pretrained writes (e.g. per-expert tensors where memory fuses them)
+                    state = revert_weight_conversion(model, state)
                 _write_shard(tmp, f"model-{i + 1:05d}-of-{total:05d}.safetensors", state, weight_map)
                 streamer.release_layer(i)
                 for module in replaced:
@@ -87,11 +97,11 @@ def save_compressed_streaming(
             model.config.save_pretrained(tmp)
             if (source / "generation_config.json").is_file():
                 (tmp / "generation_config.json").write_bytes((source / "generation_config.json").read_bytes())
-            finish_folder(tmp, model, plan, source)
+            finish_folder(tmp, model, plan, source, native=native)
             sizes = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
             index = {"metadata": {"total_size": sizes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-            _check_keys(model, weight_map, tied=set(rest_all) - set(_untied(rest_all)))
+            _check_keys(model, weight_map, tied=set(rest_all) - set(_untied(rest_all)), native=native)
     finally:
         streamer.close()
     return out
@@ -119,10 +129,14 @@ def _write_shard(folder: Path, name: str, state: dict[str, torch.Tensor], weight
     weight_map.update(dict.fromkeys(state, name))
 
 
-def _check_keys(model: torch.nn.Module, weight_map: dict[str, str], tied: set[str]) -> None:
-    """The written keys are exactly the compressed model's in its on-disk layout, less `tied` ones."""
-    meta = {k: v for k, v in model.state_dict().items() if k not in tied}
-    expected = set(revert_weight_conversion(model, meta))
+def _check_keys(model: torch.nn.Module, weight_map: dict[str, str], tied: set[str], native: bool = False) -> None:
+    """The written keys are exactly the compressed model's in its on-disk layout (`native`: in vLLM's
+    native novice format), less `tied` ones."""
+    if native:
+        expected = set(approximate.native_state(model, model.config.moepress_structure)) - tied
+    else:
+        meta = {k: v for k, v in model.state_dict().items() if k not in tied}
+        expected = set(revert_weight_conversion(model, meta))
     missing, extra = expected - set(weight_map), set(weight_map) - expected
     if missing or extra:
         raise MoepressError(

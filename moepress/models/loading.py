@@ -120,11 +120,15 @@ def load_model(
     if local:
         check_checkpoint(path, allow_pickle)
         config = json.loads((Path(path) / "config.json").read_text())
-        if "auto_map" in config and not trust_remote_code:
-            if "moepress_structure" in config:
-                from moepress.io import load as load_compressed
+        from moepress.io.load import is_remote_code
 
-                return load_compressed(path, dtype=dtype, device=device), load_tokenizer(path)
+        # moepress's own structure, or vLLM's native novice format (ours or the MoNE reference's): moepress
+        # builds these without the folder's code
+        if ("moepress_structure" in config or config.get("approximate_experts")) and not is_remote_code(config):
+            from moepress.io import load as load_compressed
+
+            return load_compressed(path, dtype=dtype, device=device), load_tokenizer(path)
+        if "auto_map" in config and not trust_remote_code:
             raise MoepressError(
                 f"{path} needs its own modeling code (auto_map); pass --trust-remote-code if you trust it"
             )
