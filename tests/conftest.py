@@ -85,3 +85,20 @@ def remote_code_model(remote_code_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(remote_code_dir, trust_remote_code=True).eval()
+
+
+def family_case(model_type: str, *values):
+    """A `parametrize` entry for a test of one family: skipped, naming the release, where the installed
+    transformers predates the family (`Family.since`)."""
+    from moepress.models.families import needs_newer_transformers
+
+    reason = needs_newer_transformers(model_type)
+    return pytest.param(model_type, *values, marks=pytest.mark.skipif(reason is not None, reason=reason or ""))
+
+
+def needs_family(model_type: str):
+    """Skip a test of one family where the installed transformers predates it, naming the release."""
+    from moepress.models.families import needs_newer_transformers
+
+    reason = needs_newer_transformers(model_type)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")

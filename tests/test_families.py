@@ -33,37 +33,30 @@ def test_every_transformers_moe_family_has_an_adapter():
     assert derived == supported | set(NO_ADAPTER_YET)
 
 
-def _release(version: str):
-    from packaging.version import Version
-
-    return Version(Version(version).base_version)  # 5.24.0.dev0 has the families of 5.24
-
-
 def test_families_of_a_later_transformers_name_their_release():
     """A family declared with `since` is registered exactly where the installed transformers has reached that
-    release (and knows its model types); every registered family's model types are known to it, so on the
-    oldest release pyproject.toml admits a newer family without `since` fails here by name."""
+    release; every registered family's model types are known to it, so on the oldest release pyproject.toml
+    admits a newer family declared without `since` fails here by name."""
     import re
     from pathlib import Path
 
     import transformers
 
     from moepress.models.declared import FAMILIES
-    from moepress.models.families import NEEDS_NEWER_TRANSFORMERS, transformers_knows
+    from moepress.models.families import NEEDS_NEWER_TRANSFORMERS, release, transformers_knows, transformers_release
 
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    floor = re.search(r'"transformers>=([\d.]+)', pyproject).group(1)
-    installed = _release(transformers.__version__)
+    floor = release(re.search(r'"transformers>=([\d.]+)', pyproject).group(1))
+    installed = transformers_release()
     supported_model_types()  # registers every family
     for model_type, since in NEEDS_NEWER_TRANSFORMERS.items():
-        assert not transformers_knows(model_type), f"{model_type}: transformers has it, but it was not registered"
-        assert _release(since) > installed, f"{model_type}: since={since}, but transformers {installed} lacks it"
-        assert _release(since) > _release(floor), f"{model_type}: since={since} is not newer than the floor {floor}"
+        assert floor < release(since), f"{model_type}: since={since} is not newer than pyproject's floor"
+        assert installed < release(since), f"{model_type}: since={since}, but it was not registered"
     for spec in FAMILIES.values():
         unknown = [t for t in spec.model_types if not transformers_knows(t)]
-        assert not unknown, f"{spec.name}: transformers {installed} lacks {unknown}; declare it with since=..."
+        assert not unknown, f"{spec.name}: transformers {transformers.__version__} lacks {unknown}; declare since="
         if spec.since is not None:
-            assert _release(floor) < _release(spec.since) <= installed, f"{spec.name}: since={spec.since}"
+            assert floor < release(spec.since) <= installed, f"{spec.name}: since={spec.since}"
 
 
 def _check_block_equivalence(model):
@@ -179,11 +172,11 @@ def test_every_method_round_trips(family, tmp_path):
 def test_readme_families_table_is_generated_from_the_adapters():
     from pathlib import Path
 
-    from moepress.models.families import NEEDS_NEWER_TRANSFORMERS, families_markdown
+    from moepress.models.families import NEEDS_NEWER_TRANSFORMERS, families_markdown, release
 
     supported_model_types()  # registers every family
     if NEEDS_NEWER_TRANSFORMERS:
-        newest = max(NEEDS_NEWER_TRANSFORMERS.values(), key=_release)
+        newest = max(NEEDS_NEWER_TRANSFORMERS.values(), key=release)
         pytest.skip(f"the README's table lists the families of transformers >= {newest}")
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -12,6 +12,7 @@ from moepress.calibrate.runner import capture_inputs
 from moepress.models import get_adapter
 from moepress.testing import declared_families, tiny_model
 
+from .conftest import needs_family
 from .test_calibrate import assert_stats_close
 
 IDS = torch.randint(3, 100, (4, 40), generator=torch.Generator().manual_seed(0))  # longer than tiny windows
@@ -34,6 +35,7 @@ def test_layers_of_another_attention_type_get_their_own_mask():
         assert isinstance(sliding, torch.Tensor) and (full is None or not torch.equal(full, sliding))
 
 
+@needs_family("hy_v4")
 def test_state_handed_between_layers_reaches_a_shared_indexer_layer():
     model = tiny_model("hy_v4")
     assert get_adapter(model).carried and model.config.indexer_types[1] == "shared"
@@ -46,6 +48,7 @@ def test_state_handed_between_layers_reaches_a_shared_indexer_layer():
     run_layer(layers[1], inputs, "cpu")  # raises inside transformers without the handed top-k
 
 
+@needs_family("inkling2_text")
 def test_block_states_are_handed_on_across_block_boundaries():
     """Inkling-2's layers read the hidden states that entered every earlier block boundary: with a
     boundary every layer, the statistics past layer 1 depend on it."""
@@ -55,6 +58,7 @@ def test_block_states_are_handed_on_across_block_boundaries():
                        rtol=1e-4)
 
 
+@needs_family("inkling2_text")
 def test_an_argument_computed_from_earlier_layers_is_refused(monkeypatch):
     """A family whose adapter does not hand on such state gets one line naming it, not stale values."""
     from moepress.errors import MoepressError

@@ -128,6 +128,23 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> 
 
 
 @contextmanager
+def recorded_router_logits(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Each MoE layer's router logits of one forward, in layer order: what `output_router_logits` returns
+    where the model records them (DeepSeek-V2 does from transformers 5.19 on)."""
+    recorded: list[torch.Tensor] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _args, out: recorded.append(out[0]))
+        for m in model.modules()
+        if type(m).__name__.endswith("TopkRouter")
+    ]
+    try:
+        yield recorded
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@contextmanager
 def single_thread() -> Iterator[None]:
     """One intra-op thread: the demo model's matmuls are too small to gain from more, and a busy
     machine makes several threads much slower; it also makes training bit-for-bit repeatable."""
@@ -168,8 +185,9 @@ def train(s: TrainSettings, ids: torch.Tensor, vocab_size: int, log=None):
         batch = torch.stack([ids[i : i + s.seq_len] for i in starts.tolist()])
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        out = model(input_ids=batch, labels=batch, output_router_logits=True, use_cache=False)
-        aux = load_balancing_loss(out.router_logits, s.top_k)
+        with recorded_router_logits(model) as recorded:
+            out = model(input_ids=batch, labels=batch, output_router_logits=True, use_cache=False)
+        aux = load_balancing_loss(getattr(out, "router_logits", None) or recorded, s.top_k)
         loss = out.loss + s.aux_loss_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()

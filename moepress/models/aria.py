@@ -26,5 +26,6 @@ declare(Family(
     num_experts_key="moe_num_experts",
     router="router",
     shared="shared_experts",
+    since="5.18",  # AriaTextTopKRouter; before it the experts module routed the logits itself
     tiny=dict(moe_num_experts=8, intermediate_size=16),
 ))

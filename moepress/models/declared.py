@@ -29,7 +29,7 @@ from moepress.models.base import (
     TransformersExperts,
     register_adapter,
 )
-from moepress.models.families import NEEDS_NEWER_TRANSFORMERS, transformers_knows
+from moepress.models.families import NEEDS_NEWER_TRANSFORMERS, release, transformers_release
 
 RoutingRule = Callable[[nn.Module, Any], Routing]  # (router module, text config) -> Routing
 
@@ -78,10 +78,26 @@ class Family:
     state_arguments: tuple[str, ...] = ()
     hand_on: Callable[[nn.Module, dict, Any, Any], dict] | None = None
     note: str = ""
-    # the transformers release that added the family's model type(s), for families newer than the oldest
-    # release pyproject.toml admits: on an older one the family is not registered, and asking for it says
-    # which release to install (checked against the installed release by tests/test_families.py)
+    # the transformers release that added the family's model type(s), or the classes the declaration reads,
+    # when that is newer than the oldest release pyproject.toml admits: on an older one the family is not
+    # registered, and asking for it names the release to install (tests/test_families.py checks it)
     since: str | None = None
+
+
+class _RoutingFields:
+    """The router module for a `RoutingRule`, with the block's attributes behind its own: before their
+    router classes (Jamba's until transformers 5.21) families had a plain `nn.Linear` router and kept
+    `top_k` and the like on the block."""
+
+    def __init__(self, router: nn.Module, block: nn.Module):
+        self._router, self._block = router, block
+
+    def __getattr__(self, name: str) -> Any:
+        if hasattr(self._router, name):
+            return getattr(self._router, name)
+        if isinstance(self._router, nn.Linear) and hasattr(self._block, name):
+            return getattr(self._block, name)
+        raise AttributeError(name)
 
 
 class DeclaredAdapter(Adapter):
@@ -124,7 +140,7 @@ class DeclaredAdapter(Adapter):
             layer_idx=layer_idx,
             module=mlp,
             router_weight=router.weight,
-            routing=spec.routing(router, config),
+            routing=spec.routing(_RoutingFields(router, mlp), config),
             experts=spec.store(getattr(mlp, spec.experts)),
             shared=getattr(mlp, spec.shared, None) if spec.shared else None,
             shared_gate=getattr(mlp, spec.shared_gate, None) if spec.shared_gate else None,
@@ -153,10 +169,10 @@ FAMILIES: dict[str, Family] = {}
 
 
 def declare(spec: Family) -> Family:
-    """Register a family declaration (one call per family, in its adapter file); a family that came in a
-    later transformers than the installed one (`since`, and transformers does not know its model types)
-    is recorded in `NEEDS_NEWER_TRANSFORMERS` instead, so asking for it names the release to install."""
-    if spec.since is not None and not all(transformers_knows(t) for t in spec.model_types):
+    """Register a family declaration (one call per family, in its adapter file); a family whose classes
+    came in a later transformers than the installed one (`since`) is recorded in `NEEDS_NEWER_TRANSFORMERS`
+    instead, so asking for it names the release to install."""
+    if spec.since is not None and transformers_release() < release(spec.since):
         for model_type in spec.model_types:
             NEEDS_NEWER_TRANSFORMERS[model_type] = spec.since
         return spec

@@ -42,9 +42,22 @@ def transformers_moe_model_types() -> dict[str, str]:
     return found
 
 
-# model_type -> the transformers release that added it, for each declared family the installed release
-# lacks (filled by `moepress.models.declared.declare`, which registers no adapter for them)
+# model_type -> the transformers release the family's classes came in (`Family.since`), for each declared
+# family the installed release is older than (filled by `moepress.models.declared.declare`, which registers
+# no adapter for them)
 NEEDS_NEWER_TRANSFORMERS: dict[str, str] = {}
+
+
+def release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string: `5.24.0.dev0` has the families of 5.24."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+def transformers_release() -> tuple[int, int]:
+    import transformers
+
+    return release(transformers.__version__)
 
 
 def transformers_knows(model_type: str) -> bool:
@@ -67,8 +80,10 @@ def needs_newer_transformers(model_type: str) -> str | None:
         return None
     import transformers
 
-    return (f"model type {source!r} needs transformers >= {since} (installed: {transformers.__version__}); "
-            "pip install -U transformers")
+    return (
+        f"model type {source!r} needs transformers >= {since} (installed: {transformers.__version__}); "
+        "pip install -U transformers"
+    )
 
 
 def check_model_type(model_type: str) -> None:

@@ -60,6 +60,14 @@ def _hybrid(layer_types: list[str]):
 
 _hybrid_tiny = _hybrid(["linear_attention", "full_attention", "linear_attention"])
 
+
+def _qwen4_tiny(cfg) -> None:
+    """Linear, sparse (indexed), linear attention; the sparse kind is named as the installed release names
+    it (`qwen_sparse_attention` before transformers 5.18, `indexed_attention` since)."""
+    text = getattr(cfg, "text_config", cfg)
+    sparse = next(t for t in type(text)().layer_types if t != "linear_attention")  # the full-size default
+    _hybrid(["linear_attention", sparse, "linear_attention"])(cfg)
+
 declare(Family(
     name="qwen3_next",
     model_types=("qwen3_next",),
@@ -85,7 +93,7 @@ declare(Family(
     shared="shared_expert",
     shared_gate="shared_expert_gate",
     norm=("model.hyper_connection_mixer",),  # mixes the streams (a normed, gated mean): no final norm
-    tiny=_hybrid(["linear_attention", "indexed_attention", "linear_attention"]),
+    tiny=_qwen4_tiny,
 ))
 
 declare(Family(

@@ -45,6 +45,15 @@ def register_weight_conversions(model_type: str, source_model_type: str) -> None
         conversion_mapping.register_checkpoint_conversion_mapping(model_type, mapping, overwrite=True)
 
 
+def _eager_rejects_sentinel() -> bool:
+    from moepress.models.families import transformers_release
+
+    return transformers_release() < (5, 18)
+
+
+_EAGER_REJECTS_SENTINEL = _eager_rejects_sentinel()
+
+
 class NoviceExperts(nn.Module):
     """Routed experts of a pruned layer whose router also keeps novice slots (MoNE).
 
@@ -89,6 +98,16 @@ class NoviceExperts(nn.Module):
             )
         return self._maps[device]
 
+    def _sentinel(self) -> int:
+        """The expert id novice slots reach `kept` as: before transformers 5.18 the eager implementation
+        one-hot encodes ids over `num_experts` classes and fails on the sentinel, so there they go to
+        expert 0 at weight 0, as for DBRX."""
+        if self.sentinel and _EAGER_REJECTS_SENTINEL:
+            implementation = getattr(getattr(self.kept, "config", None), "_experts_implementation", None)
+            if implementation in (None, "eager"):
+                return 0
+        return self.sentinel
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -97,7 +116,7 @@ class NoviceExperts(nn.Module):
         index = local[top_k_index]
         if self.kept.num_experts:
             out = self.kept(
-                hidden_states, index.masked_fill(novice, self.sentinel), top_k_weights.masked_fill(novice, 0)
+                hidden_states, index.masked_fill(novice, self._sentinel()), top_k_weights.masked_fill(novice, 0)
             )
         else:  # every slot is a novice; grouped GEMM cannot take zero experts
             out = torch.zeros_like(hidden_states)
