@@ -150,10 +150,12 @@ def cached_calibration(model, tokenizer, data: str, n: int, seq_len: int, seed: 
 
 def write_demo_model(out: str | Path, family: str = "deepseek_v2", overwrite: bool = False, seed: int = 0) -> Path:
     """A tiny random-initialised checkpoint with a byte-level tokenizer: tries the tool with no download."""
+    from moepress.models.families import check_model_type
     from moepress.testing import TINY_FAMILIES, declared_families, tiny_model
 
     known = (*TINY_FAMILIES, *declared_families())
     if family not in known:
+        check_model_type(family)  # a family of a later transformers: name the release
         raise MoepressError(f"unknown family {family!r}; choose one of {', '.join(known)}")
     model = tiny_model(family, seed=seed, vocab_size=260, max_position_embeddings=1024)
     with atomic_dir(out, overwrite) as tmp:
