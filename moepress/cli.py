@@ -63,7 +63,13 @@ def families(
     markdown: Annotated[bool, typer.Option("--markdown", help="print the README's Markdown table")] = False,
 ) -> None:
     """Every MoE family moepress has an adapter for, where its MoE pieces live and how it routes."""
-    from moepress.models.families import NO_ADAPTER_YET, families_markdown, families_table
+    from moepress.models.families import (
+        NEEDS_NEWER_TRANSFORMERS,
+        NO_ADAPTER_YET,
+        families_markdown,
+        families_table,
+        needs_newer_transformers,
+    )
 
     if markdown:
         print(families_markdown())
@@ -75,6 +81,8 @@ def families(
     console.print(table)
     for model_type, reason in sorted(NO_ADAPTER_YET.items()):
         console.print(f"no adapter yet: [yellow]{model_type}[/yellow]: {reason}")
+    for model_type in sorted(NEEDS_NEWER_TRANSFORMERS):
+        console.print(f"not with this transformers: {needs_newer_transformers(model_type)}", highlight=False)
 
 
 @app.command()
