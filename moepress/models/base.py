@@ -57,6 +57,11 @@ class RouteResult:
 class ExpertStore:
     """Routed experts as gate/up/down matrices by expert id, whatever the storage."""
 
+    # per-expert tensors of the experts module besides the weights and biases (names in its state dict)
+    # that span the hidden dimension only, as a per-expert output norm's scale: neuron alignment, which
+    # permutes intermediate rows, leaves them as they are, so merges with alignment average them as well
+    hidden_side_tensors: tuple[str, ...] = ()
+
     def __init__(self, module: nn.Module, act_fn):
         self.module = module
         self.act_fn = act_fn

@@ -107,9 +107,10 @@ def write_merges(
         return
     n_experts = store.num_experts
     extras = _extra_per_expert(store, n_experts)
-    if extras and alignments:
+    unknown = sorted(set(extras) - set(store.hidden_side_tensors))  # alignment does not permute the others
+    if unknown and alignments:
         raise MoepressError(
-            f"layer {layer}: the experts have per-expert tensors of unknown layout ({', '.join(sorted(extras))}); "
+            f"layer {layer}: the experts have per-expert tensors of unknown layout ({', '.join(unknown)}); "
             "merging them with neuron alignment is not supported; use the method without alignment"
         )
     perms = {rep: {m: p for (r, m), p in alignments.items() if r == rep} for rep in merges}
