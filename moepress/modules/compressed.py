@@ -449,6 +449,8 @@ def _sized(mlp: nn.Module, path: str, config, structure: dict, n: int) -> nn.Mod
     if structure.get("sized_by_block"):
         return type(mlp)(sized).get_submodule(path)
     old = mlp.get_submodule(path)
+    if type(old) is nn.Linear:  # a plain router, one output per expert (Jamba's before transformers 5.21)
+        return nn.Linear(old.in_features, n, bias=old.bias is not None)
     # a class that also takes the layer index (ZAYA's router) gets the one of the module it replaces
     takes_index = "layer_idx" in inspect.signature(type(old)).parameters and hasattr(old, "layer_idx")
     return type(old)(sized, layer_idx=old.layer_idx) if takes_index else type(old)(sized)
