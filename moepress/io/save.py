@@ -265,6 +265,8 @@ def save_compressed(
                 _write_folder(model, plan, tmp, source, max_shard_size, native=True)
                 if verify:
                     verify_checkpoint(model, tmp, plain=False)
+            except OSError:  # the disk, not the format: nothing to fall back to
+                raise
             except Exception as err:  # noqa: BLE001 - any failure of the native form falls back to moepress's own
                 # a family whose save-time conversion does not invert cleanly (renames the loader reads
                 # differently, hybrid caches): the moepress format is exact for every family
