@@ -275,6 +275,18 @@ def sized_by_config(key: str = "num_experts") -> Callable[..., nn.Module]:
     return build
 
 
+def sized_by_text_config(key: str = "num_experts") -> Callable[..., nn.Module]:
+    """`Family.sized_block` for a block that reads the model's text config from `vllm_config=` (Qwen3-MoE): the
+    config says n experts while the block builds (the block keeps its counts; nothing reads them later)."""
+
+    def build(block: Callable[..., nn.Module], n: int, args: tuple, kwargs: dict) -> nn.Module:
+        config = kwargs["vllm_config"].model_config.hf_text_config
+        with swapped(config, key, n):
+            return block(*args, **kwargs)
+
+    return build
+
+
 def sized_by_argument(name: str = "num_experts") -> Callable[..., nn.Module]:
     """`Family.sized_block` for a block that takes its expert count as an argument (OLMoE)."""
 
@@ -285,14 +297,31 @@ def sized_by_argument(name: str = "num_experts") -> Callable[..., nn.Module]:
 
 
 @contextlib.contextmanager
-def swapped(module: ModuleType, name: str, value: Any) -> Iterator[None]:
-    """`module.name` is `value` inside the block, and what it was after (also on error)."""
-    old = getattr(module, name)
-    setattr(module, name, value)
+def swapped(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """`owner.name` (a module's global, a config's field) is `value` inside the block, and what it was after."""
+    old = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        setattr(module, name, old)
+        setattr(owner, name, old)
+
+
+class _FactoryMeta(type):
+    """Calling the class builds through `build`; `isinstance` answers for the family's block class, so the
+    model's own checks (`isinstance(layer.mlp, Qwen3MoeSparseMoeBlock)` to collect its MoE layers) still
+    work while the swap is in place."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> nn.Module:
+        return cls.build(*args, **kwargs)
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, cls.block)
+
+
+def _Factory(block: type[nn.Module], build: Callable[..., nn.Module]) -> type:
+    """A stand-in for the family's block class (see `_FactoryMeta`) under the same name."""
+    return _FactoryMeta(block.__name__, (), {"block": block, "build": staticmethod(build)})
 
 
 _LAYER = re.compile(r"^(?P<prefix>.*?layers\.(?P<layer>\d+)\.)(?P<rest>.*)$")
@@ -318,18 +347,24 @@ class CompressedMoEModel(nn.Module):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             return
         check_vllm_version("approximate_experts" if self.native_architecture else "moepress")
-        with swapped(self.family.module, self.family.block, self._block_factory(config)):
+        block = getattr(self.family.module, self.family.block)
+        built: set[int] = set()
+        with swapped(self.family.module, self.family.block, _Factory(block, self._block_factory(block, config, built))):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
+        outside = sorted(set(plans) - built)
+        if outside:
+            raise MoepressError(f"the checkpoint changes layer {outside[0]}, which has no MoE block in this model")
 
-    def _block_factory(self, config: Any) -> Callable[..., nn.Module]:
+    def _block_factory(self, block: type[nn.Module], config: Any, built: set[int]) -> Callable[..., nn.Module]:
+        """The family's block class while the model builds: a changed layer (recorded in `built`) as planned."""
         family, plans = self.family, self._moepress_plans
-        block = getattr(family.module, family.block)
 
         def build(*args: Any, **kwargs: Any) -> nn.Module:
             layer = extract_layer_index(kwargs["prefix"])
             plan = plans.get(layer)
             if plan is None:
                 return block(*args, **kwargs)
+            built.add(layer)
             if plan.kind == "drop" or (
                 plan.kind == "condense" and not plan.spec["shared_rows"] + plan.spec["routed_rows"]
             ):
@@ -350,6 +385,9 @@ class CompressedMoEModel(nn.Module):
         loaded: set[str] = set()
         blocks = {name: m for name, m in self.named_modules() if isinstance(m, CondensedMLP | ZeroMLP)}
         novices = {m.layer: (name, m) for name, m in self.named_modules() if isinstance(m, ConstantExperts)}
+        # the block's name in vLLM, and in moepress's own tensors (transformers' name: Mixtral's `mlp`)
+        structure = getattr(self.config, "moepress_structure", None) or {}
+        block_names = {self.family.mlp, structure.get("mlp", self.family.mlp)}
 
         def stock_weights() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in weights:
@@ -357,11 +395,11 @@ class CompressedMoEModel(nn.Module):
                     continue
                 match = _LAYER.match(name)
                 plan = plans.get(int(match["layer"])) if match else None
-                if plan is None or not match["rest"].startswith(self.family.mlp + "."):
+                head, _, rest = match["rest"].partition(".") if match else ("", "", "")
+                if plan is None or head not in block_names:
                     yield name, tensor
                     continue
                 block = match["prefix"] + self.family.mlp
-                rest = match["rest"].removeprefix(self.family.mlp + ".")
                 if block in blocks:
                     if isinstance(blocks[block], CondensedMLP):
                         loaded.add(f"{block}.{blocks[block].load(rest, tensor)}")

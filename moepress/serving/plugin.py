@@ -31,6 +31,10 @@ class Served(NamedTuple):
 FAMILIES = (
     Served("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM", "qwen2_moe"),
     Served("olmoe", "OlmoeConfig", "OlmoeForCausalLM", "olmoe"),
+    Served("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "qwen3_moe"),
+    Served("mixtral", "MixtralConfig", "MixtralForCausalLM", "mixtral"),
+    Served("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM", "deepseek"),
+    Served("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM", "deepseek"),
 )
 
 

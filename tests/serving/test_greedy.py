@@ -1,5 +1,5 @@
-"""Every moepress output kind of the bundled Qwen2-MoE and OLMoE minis: vLLM's greedy tokens (float32, CPU)
-equal `moepress.load`'s."""
+"""Every moepress output kind of the bundled Qwen2-MoE and OLMoE minis, and of tiny random Qwen3-MoE and
+Mixtral models: vLLM's greedy tokens (float32, CPU) equal `moepress.load`'s."""
 
 from __future__ import annotations
 
@@ -10,16 +10,19 @@ import pytest
 
 from tests.serving.helpers import (
     CALIB,
+    assert_same_greedy,
     prompt_ids,
     transformers_greedy,
     vllm_greedy,
     write_layer_counts,
     write_native,
+    write_tiny,
 )
 
 MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 DATA = MODELS.parent / "data" / "calib.txt"
 MINIS = ("qwen2moe-mini", "olmoe-mini")
+TINY = ("qwen3_moe", "mixtral")  # random models at sizes vLLM's CPU attention takes
 
 # kind -> how to make it from a source folder
 KINDS = {
@@ -29,6 +32,7 @@ KINDS = {
     "mone-native": lambda src, out: write_native(src, out),
     "zero-novice": lambda src, out: _compress(src, "mone-zero-novice", out, ratio=0.25),
     "layer-counts": write_layer_counts,
+    "layer-counts-novices": lambda src, out: write_layer_counts(src, out, novices=True),
     "cd-moe-s": lambda src, out: _compress(src, "cd-moe-s", out, layers=2),
     "cd-moe-sr": lambda src, out: _compress(src, "cd-moe-sr", out, layers=2),
     "layer-drop": lambda src, out: _compress(src, "layer-drop", out, layers=2),
@@ -47,23 +51,30 @@ def outputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     made: dict[tuple[str, str], Path] = {}
 
-    def get(mini: str, kind: str) -> Path:
-        source = MODELS / mini
-        if not (source / "config.json").is_file():
-            pytest.skip(f"{source} not present")
-        if (mini, kind) not in made:
-            made[mini, kind] = KINDS[kind](source, root / f"{mini}-{kind}")
-        return made[mini, kind]
+    def source(model: str) -> Path:
+        tokenizer = MODELS / "qwen2moe-mini"
+        if not (tokenizer / "config.json").is_file():
+            pytest.skip(f"{tokenizer} not present")
+        if model in MINIS:
+            return MODELS / model
+        if model not in made:
+            made[model] = write_tiny(model, root / model, tokenizer_from=tokenizer)
+        return made[model]
+
+    def get(model: str, kind: str) -> Path:
+        if (model, kind) not in made:
+            made[model, kind] = KINDS[kind](source(model), root / f"{model}-{kind}")
+        return made[model, kind]
 
     return get
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("mini", MINIS)
-def test_vllm_greedy_equals_transformers(outputs, mini: str, kind: str):
-    folder = outputs(mini, kind)
+@pytest.mark.parametrize("model", MINIS + TINY)
+def test_vllm_greedy_equals_transformers(outputs, model: str, kind: str):
+    folder = outputs(model, kind)
     prompts = prompt_ids(folder)
-    assert vllm_greedy(folder, prompts) == transformers_greedy(folder, prompts)
+    assert_same_greedy(folder, prompts, vllm_greedy(folder, prompts), transformers_greedy(folder, prompts))
 
 
 def test_plain_source_is_served_as_stock(outputs):
