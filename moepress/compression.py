@@ -328,6 +328,8 @@ def make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False, batches:
 
     `batches`: the calibration tokens `preflight` already made (else tokenised here). `stream`: a
     `Streamer` whose meta-device model is `model`; calibration and searches read its layers one at a time."""
+    from inspect import signature
+
     from moepress.calibrate.stats import CalibrationStats
     from moepress.io.sizes import predict_size, size_of
     from moepress.methods.base import ModelInputs, get_method, method_is_sequential, method_layer_inputs
@@ -406,6 +408,8 @@ def make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False, batches:
                     f"{1 - saved / original:.3f} of the bytes); lower the budget or remove {e.method}"
                 )
             kwargs["memory_budget"] = budget
+        if batch.documents is not None and "documents" in signature(get_search_method(e.method)).parameters:
+            kwargs["documents"] = batch.documents  # whole documents: CD-MoE's fixed weights (`data.documents`)
         plan = get_search_method(e.method)(model, batch.input_ids, **kwargs)
         result.volatile[str(k)] = {key: plan.metadata.pop(key) for key in VOLATILE_METADATA
                                    if key in plan.metadata}

@@ -47,7 +47,7 @@ RECIPE_FILE = "moepress_recipe.yaml"
 ALIASES = {"cd-moe": "cd-moe-sr"}
 # Arguments of a search method that are not hyperparameters: the recipe or the run supplies them.
 SEARCH_ARGS = ("model", "input_ids", "layers", "memory_budget", "experts", "batch_size", "device",
-               "candidate_layers")
+               "candidate_layers", "documents")
 
 
 # ---- methods -------------------------------------------------------------------------------------

@@ -12,6 +12,12 @@ tokens are skipped, so the sequences form one [n, seq_len] tensor with no paddin
 per-document mean equals a per-token mean; how many were skipped is recorded on the batch. A .txt
 file has no document boundaries, so its documents are runs of whole paragraphs (split at blank
 lines) of at least `TXT_DOC_CHARS_PER_TOKEN × seq_len` characters, each starting at a paragraph.
+
+Whole documents. The reference computes CD-MoE's fixed weights on the same documents UNTRUNCATED
+(`get_weight/get_weight.py` tokenises with no max length), so the batch also carries each row's
+document whole (`TokenBatch.documents`: BOS + every token, capped at the model's context length
+`max_position_embeddings` when it is known — a longer document keeps its first
+`max_position_embeddings` tokens — and uncapped when it is not).
 """
 
 from __future__ import annotations
@@ -56,19 +62,22 @@ def pack_documents(
     source: str = "",
     max_position: int | None = None,
 ) -> TokenBatch:
-    """`n` documents with at least `seq_len` tokens, each as BOS + its first `seq_len` − 1 tokens."""
+    """`n` documents with at least `seq_len` tokens, each as BOS + its first `seq_len` − 1 tokens; the
+    same documents whole (capped at `max_position` tokens) in `documents`."""
     check_shape(n, seq_len, max_position, what="documents", example=100)
     bos = bos_id(tokenizer)
     body = seq_len - (bos is not None)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
-    rows: list[tuple[int, list[int]]] = []
+    rows: list[tuple[int, list[int], list[int]]] = []
+    whole_body = None if max_position is None else max_position - (bos is not None)
     skipped = 0
     for d in order:
         ids = tokenizer(texts[d], add_special_tokens=False)["input_ids"]
         if len(ids) < body:
             skipped += 1
             continue
-        rows.append((d, ([bos] if bos is not None else []) + ids[:body]))
+        first = [bos] if bos is not None else []
+        rows.append((d, first + ids[:body], first + ids[:whole_body]))
         if len(rows) == n:
             break
     if len(rows) < n:
@@ -77,8 +86,10 @@ def pack_documents(
             f"{n}; give more documents or lower -n / --seq-len"
         )
     rows.sort()  # file order, so the batch does not depend on which documents were tokenised first
-    ids = torch.tensor([r for _, r in rows], dtype=torch.long)
-    return TokenBatch(input_ids=ids, fingerprint=fingerprint_ids(ids), source=str(source), skipped_documents=skipped)
+    ids = torch.tensor([r for _, r, _ in rows], dtype=torch.long)
+    whole = [torch.tensor(w, dtype=torch.long) for _, _, w in rows]
+    return TokenBatch(input_ids=ids, fingerprint=fingerprint_ids(ids), source=str(source), skipped_documents=skipped,
+                      documents=whole)
 
 
 def load_documents(

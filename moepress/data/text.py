@@ -22,6 +22,9 @@ class TokenBatch:
     fingerprint: str
     source: str
     skipped_documents: int = 0  # documents layout: shorter than seq_len, not used
+    # documents layout: each row's document WHOLE (BOS first, capped at the model's context length), for
+    # CD-MoE's fixed weights (`data.documents`); None for packed windows
+    documents: list[torch.Tensor] | None = None
 
     @property
     def num_tokens(self) -> int:

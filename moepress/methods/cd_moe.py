@@ -12,9 +12,19 @@ Registered search methods (`methods.search_registry`):
 The defaults are the reference code's (github duterscmy/CD-MoE), step by step:
 - Fixed weights (`cd-moe/get_weight/get_weight.py` L162-166, `weight_mode="routed"`): w_e = mean of
   the post-top-k gate weight expert e receives over the tokens ROUTED to it (Σ weight / routed
-  count), as the model applies it (renormalised only where its config says so, routed scaling
-  included). A condensed layer computes shared(x) + Σ_e w_e·expert_e(x) for every token, w not
-  renormalised over the kept experts (root `modeling_deepseek.py` L475-490).
+  count, pooled over all documents' tokens: `get_weight/modeling_deepseek.py` L313-345), as the model
+  applies it (renormalised only where its config says so, routed scaling included). A condensed layer
+  computes shared(x) + Σ_e w_e·expert_e(x) for every token, w not renormalised over the kept experts
+  (root `modeling_deepseek.py` L475-490).
+- Weight documents (`weights_from="documents"`): the reference's weight script tokenises each
+  calibration document WHOLE (no max length, one document a forward: `get_weight.py` L23-41) while its
+  searches see the first 256 tokens; so the routing means — the fixed weights, and what is derived from
+  them: which experts are candidates (never routed: weight 0) and the `expert_pool` ranking — are
+  taken over the same documents untruncated, capped at the model's context length
+  (`max_position_embeddings`; `data.documents`), each run alone (`methods.document_routing`).
+  `weights_from="search"` takes them from the search's truncated sequences instead (one pass less).
+  Without whole documents (`documents=None`: a plain `input_ids` call, or packed windows) the search
+  sequences are all there is; the plan's `hyperparameters["weights_from"]` records which was used.
 - Expert search (`greedy_search/greedy_search_expert.py`, `metric="hidden-js"`): per MoE layer,
   only that layer condensed, k greedy steps over every routed expert, each step keeping the
   candidate of least JS divergence between softmax over the HIDDEN dimension of the original's and
@@ -37,8 +47,14 @@ moepress's variants, kept as hyperparameters and measured beside the defaults (`
   (about 10× smaller weights than the reference's at k = 6).
 - `experts=N`: fewer routed experts than top-k (smaller condensed layers).
 - `expert_pool=P`: only the P experts of largest weight are candidates (quick runs).
-Experts never routed to on the calibration data (weight 0) are never candidates (the reference
-tries them with a fallback weight; keeping one adds bytes and nothing else).
+Experts never routed to on the calibration data (weight 0) are never candidates. The reference has
+no usable path for them: its expert search looks the weight up in `dynamic_weights` and, on a miss,
+its fallback branch (`greedy_search/modeling_deepseek.py` L407-415, weight 0.06) first prints
+`dynamic_weights[layer]`, a key that never exists (the keys are (layer, expert) pairs, L200-206 of
+`greedy_search_expert.py`), so a KeyError is raised again before the fallback is assigned; the MoE
+block's `forward` catches it and runs the layer unpruned (L377-400). Such a candidate scores JS 0
+(the layer's output is the original's) and is picked first — an artefact, not a choice; moepress
+leaves these experts out (keeping one adds bytes and nothing else).
 
 Layer search stopping and output: until `layers` are chosen or the predicted checkpoint is at most
 `memory_budget` × the original's bytes. The value after each step goes to `plan.metadata["curve"]`
@@ -83,12 +99,14 @@ if TYPE_CHECKING:
     from moepress.calibrate.streaming import Streamer
 
 WeightMode = Literal["all", "routed"]
+WeightsFrom = Literal["documents", "search"]
 
 
 def _check_args(
     model: nn.Module, input_ids: torch.Tensor, layers: int | None, memory_budget: float | None,
     experts: int | None, metric: str, weight_mode: str, expert_pool: int | None, batch_size: int,
-    candidate_layers: list[int] | None = None,
+    candidate_layers: list[int] | None = None, weights_from: str = "documents",
+    documents: list[torch.Tensor] | None = None,
 ) -> None:
     if (layers is None) == (memory_budget is None):
         raise MoepressError("give exactly one of layers=N (layers to condense) or memory_budget=F (e.g. 0.7)")
@@ -114,6 +132,12 @@ def _check_args(
     check_metric(metric)
     if weight_mode not in ("all", "routed"):
         raise MoepressError(f"unknown weight mode {weight_mode!r}; use 'all' or 'routed'")
+    if weights_from not in ("documents", "search"):
+        raise MoepressError(f"unknown weights_from {weights_from!r}; use 'documents' (whole documents) or 'search'")
+    if documents is not None and (
+        not documents or any(not isinstance(d, torch.Tensor) or d.dim() != 1 or d.numel() < 1 for d in documents)
+    ):
+        raise MoepressError("documents must be a non-empty list of 1-D token id tensors, one per document")
     if expert_pool is not None and expert_pool < 1:
         raise MoepressError(f"expert_pool must be at least 1 (or None for every expert); got {expert_pool}")
     if batch_size < 1:
@@ -149,6 +173,8 @@ def cd_moe(
     candidate_layers: list[int] | None = None,
     stream: Streamer | None = None,
     storage: torch.device | str | None = None,
+    weights_from: WeightsFrom = "documents",
+    documents: list[torch.Tensor] | None = None,
 ) -> CompressionPlan:
     """Search which MoE layers to condense (or, with `drop`, drop) and return the plan.
 
@@ -161,10 +187,14 @@ def cd_moe(
     the decoder layers are read from the checkpoint one at a time onto the streamer's device
     (`methods.streamed_search`) and `device` is not used; the cached states live on `storage`
     (default: the streamer's device). Same plan as in memory.
+
+    `documents`: the calibration documents whole (1-D token ids each, BOS first, capped at the model's
+    context length; `TokenBatch.documents`), from which the fixed weights are taken unless
+    `weights_from="search"` (see the module docstring).
     """
     _check_args(
         model, input_ids, layers, memory_budget, experts, metric, weight_mode, expert_pool, batch_size,
-        candidate_layers,
+        candidate_layers, weights_from, documents,
     )
     method = method or ("layer-drop" if drop else "cd-moe-s" if experts == 0 else "cd-moe-sr")
     top_k = {i: b.top_k for i, b in get_adapter(model).blocks(model).items()}
@@ -175,6 +205,8 @@ def cd_moe(
             f"reference); metric {metric!r} would re-read the checkpoint k times per layer — search in "
             "memory (without --stream), or keep no routed experts (cd-moe-s, layer-drop)"
         )
+    uses_weights = not drop and any(kept[i] for i in kept)
+    weight_docs = documents if uses_weights and weights_from == "documents" and documents is not None else None
     actions: dict[int, LayerAction] = {}
     expert_meta: dict[str, dict] = {}
     expert_candidates: dict[int, int] = {}
@@ -204,14 +236,14 @@ def cd_moe(
             model.to(device)
             search = GreedySearch(
                 model, input_ids, metric=metric, batch_size=batch_size, device=device,
-                candidates_per_forward=candidates_per_forward,
+                candidates_per_forward=candidates_per_forward, documents=weight_docs, weight_layers=candidates,
             )
             for i in progress(candidates, "searching experts"):
                 actions[i] = decide(search, i)
         else:
             search = StreamedGreedySearch(
                 stream, input_ids, metric=metric, batch_size=batch_size, storage=storage,
-                candidates_per_forward=candidates_per_forward,
+                candidates_per_forward=candidates_per_forward, documents=weight_docs,
             )
             actions = search.caching_pass(lambda i: decide(search, i), candidates)
         original = size_of(model).bytes
@@ -272,6 +304,8 @@ def cd_moe(
         "metric_evals": counts.metric_evals,
         # candidate layers not of the form h_mid + mlp(x): each candidate there runs its whole layer
         **({"whole_layers": whole} if whole else {}),
+        # the weight documents' pass: decoder layers run over all of them (not in the formulas above)
+        **({"document_layer_forwards": counts.document_layer_forwards} if weight_docs is not None else {}),
     }
     if stream is not None:
         loads = streamed_layer_loads(num_layers, list(zip(step_candidates, order, strict=True)))
@@ -293,6 +327,8 @@ def cd_moe(
             "seq_len": int(input_ids.shape[1]),
             # only when given, so plans of a whole-model search stay as they were
             **({} if candidate_layers is None else {"candidate_layers": sorted(set(candidate_layers))}),
+            # where the fixed weights' routing means came from (methods with routed experts only)
+            **({"weights_from": "documents" if weight_docs is not None else "search"} if uses_weights else {}),
         },
         model_fingerprint=model_fingerprint(model),
         data_fingerprint=fingerprint_ids(input_ids),
@@ -309,8 +345,17 @@ def cd_moe(
             "forward_passes": passes,
             **timing,
             "calibration_tokens": int(input_ids.numel()),
+            **({} if weight_docs is None else {"weight_documents": _documents_meta(weight_docs)}),
         },
     )
+
+
+def _documents_meta(documents: list[torch.Tensor]) -> dict:
+    """How many weight documents, their tokens and longest, and a fingerprint of their ids and lengths."""
+    lengths = [int(d.numel()) for d in documents]
+    ids = torch.cat([torch.tensor(lengths), *(d.reshape(-1).cpu() for d in documents)])
+    return {"documents": len(documents), "tokens": sum(lengths), "longest": max(lengths),
+            "fingerprint": fingerprint_ids(ids)}
 
 
 def _uniform(per_layer: dict[int, int]) -> int | dict[str, int]:
@@ -355,16 +400,19 @@ def cd_moe_sr(
     candidate_layers: list[int] | None = None,
     stream: Streamer | None = None,
     storage: torch.device | str | None = None,
+    weights_from: WeightsFrom = "documents",
+    documents: list[torch.Tensor] | None = None,
 ) -> CompressionPlan:
     """CD-MoE-SR: condensed layers keep the shared experts and `experts` greedily chosen routed ones
-    (default: as many as the layer's top-k, the paper's setting)."""
+    (default: as many as the layer's top-k, the paper's setting). Fixed weights from the whole
+    `documents` (default `weights_from="documents"`, the reference's), or the search sequences."""
     if experts is not None and experts < 1:
         raise MoepressError("cd-moe-sr keeps at least one routed expert; use cd-moe-s for shared experts")
     return cd_moe(
         model, input_ids, experts=experts, layers=layers, memory_budget=memory_budget, metric=metric,
         weight_mode=weight_mode, expert_pool=expert_pool, batch_size=batch_size, device=device,
         candidates_per_forward=candidates_per_forward, method="cd-moe-sr", candidate_layers=candidate_layers,
-        stream=stream, storage=storage,
+        stream=stream, storage=storage, weights_from=weights_from, documents=documents,
     )
 
 

@@ -58,6 +58,7 @@ from torch import nn
 
 from moepress.calibrate.runner import LayerInputs, _to, capture_inputs, hand_on_rule
 from moepress.errors import MoepressError
+from moepress.methods.document_routing import DocumentRouting
 from moepress.methods.scoring import FinalHiddenScorer, HiddenReference, Metric, NextTokenScorer, check_metric
 from moepress.methods.simulate import actions_applied, forward_replaced
 from moepress.models import get_adapter
@@ -85,6 +86,7 @@ class ForwardCounts:
     layer_forwards: int = 0
     metric_evals: int = 0
     layer_loads: int = 0
+    document_layer_forwards: int = 0  # one decoder layer over the whole weight documents (`document_routing`)
 
 
 @dataclass
@@ -222,6 +224,8 @@ class GreedySearch:
         candidates_per_forward: int | None = None,
         reference_cache_bytes: int = 2 * 2**30,
         expert_cache_bytes: int = 2**30,
+        documents: list[torch.Tensor] | None = None,
+        weight_layers: Collection[int] | None = None,
     ):
         check_metric(metric)
         self.model = model
@@ -231,8 +235,10 @@ class GreedySearch:
         self.moe_ids = sorted(self.blocks)
         self.num_layers = len(self.layers)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        # with weight documents: the MoE layers whose routing statistics are wanted (default: all)
+        self.weight_layers = set(self.moe_ids if weight_layers is None else weight_layers)
         inputs = self._prepare(input_ids, batch_size, storage, candidates_per_forward, expert_cache_bytes,
-                               self.device)
+                               self.device, documents)
         final = self._original_pass(inputs.hidden)
         self.metric = metric
         self.norm = self.adapter.final_norm(model)
@@ -257,9 +263,11 @@ class GreedySearch:
     # ---- running layers ------------------------------------------------------------------------
     def _prepare(self, input_ids: torch.Tensor, batch_size: int, storage: torch.device | str | None,
                  candidates_per_forward: int | None, expert_cache_bytes: int,
-                 capture_device: torch.device) -> LayerInputs:
+                 capture_device: torch.device, documents: list[torch.Tensor] | None = None) -> LayerInputs:
         """The search's batching and caches, and the hidden states and arguments entering layer 0 (the
-        embeddings run on `capture_device`)."""
+        embeddings run on `capture_device`). With `documents` (token ids, one tensor a document) the
+        routing statistics `stats` come from those documents run whole (`document_routing`), not from
+        the search's sequences."""
         self.storage = torch.device(storage) if storage is not None else self.device
         tokens_per_batch = batch_size * input_ids.shape[1]
         if candidates_per_forward is None:
@@ -272,7 +280,10 @@ class GreedySearch:
         inputs = capture_inputs(self.model, input_ids, batch_size, self.adapter, capture_device,
                                 storage=self.storage)
         self.kwargs = inputs.kwargs_on(self.device)  # per layer and batch
-        self.stats: dict[int, RoutingMass] = {}
+        self.stats: dict[int, RoutingMass] = {}  # the fixed weights' routing mass, per MoE layer
+        self.documents = (
+            DocumentRouting(self.model, self.adapter, documents, capture_device, self.storage) if documents else None
+        )
         self.x: dict[int, list[torch.Tensor]] = {}
         self.mid: dict[int, list[torch.Tensor]] = {}
         self.inp: dict[int, list[torch.Tensor]] = {}  # whole layers: the decoder layer's input
@@ -379,26 +390,41 @@ class GreedySearch:
         with forward_replaced(block.module, forward):
             return self._layer(m, self.inp[m][i].to(self.device), i)
 
+    def _document_step(self, j: int, wanted: Collection[int]) -> None:
+        """With weight documents, run loaded layer j over them (up to the last layer of `wanted`), taking
+        the routing statistics of a layer of `wanted` from them."""
+        if self.documents is None or j > max(wanted, default=-1):
+            return
+        self.documents.step(j, self.layers[j], self.blocks[j] if j in wanted else None, self.device)
+        self.counts.document_layer_forwards += 1
+        if j in wanted:
+            self.stats[j] = self.documents.stats.pop(j)
+
     @torch.no_grad()
     def _original_pass(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One pass of the original model: caches (x, h_mid) of every MoE layer, routing statistics."""
+        """One pass of the original model: caches (x, h_mid) of every MoE layer, routing statistics
+        (of the search's sequences, or of the weight documents)."""
         moe = set(self.moe_ids)
         hidden = list(hidden)
-        self.recording = True
         for j in progress(range(self.num_layers), "caching layer states"):
-            if j in moe:
+            self.recording = True
+            if j in moe and self.documents is None:
                 self.stats[j] = RoutingMass.zeros(self.blocks[j].num_experts)
             for i in range(len(self.kwargs)):
                 h = hidden[i].to(self.device)
                 if j in moe:
                     out = self._capture_original(j, h, i)
-                    x = self.x[j][i].to(self.device)
-                    self.stats[j].update(self._bound(j, i, x), x)
+                    if self.documents is None:
+                        x = self.x[j][i].to(self.device)
+                        self.stats[j].update(self._bound(j, i, x), x)
                 else:
                     out = self._layer(j, h, i)
                 hidden[i] = out.to(self.storage)
             self.counts.layer_forwards += 1
+            self._document_step(j, self.weight_layers)
         self.recording = False
+        if self.documents is not None:
+            self.documents.close()
         return hidden
 
     # ---- scoring candidates --------------------------------------------------------------------

@@ -7,7 +7,8 @@ candidates' hidden states and the reference's final states stay in memory (`stor
 Schedule. Every piece of work that needs decoder layer j is done while j is loaded, and the work is
 arranged in sweeps over the layers in order, so each layer is read once per sweep:
 - Sweep 1 (all L layers): the original pass (caching x_l, h_mid_l and the routing mass of every
-  candidate layer), and, at each candidate layer l as soon as its states are cached, its expert
+  candidate layer — with weight documents, that mass comes from running each loaded layer over the
+  whole documents too, `document_routing`), and, at each candidate layer l as soon as its states are cached, its expert
   search (the reference metric scores at layer l's own output, so it needs layer l alone) and the
   layer-step-1 candidate "l condensed": its hidden state joins the in-flight candidates, which every
   later layer of the same sweep also runs. At the end the reference's final states are known and the
@@ -78,6 +79,7 @@ class StreamedGreedySearch(GreedySearch):
         candidates_per_forward: int | None = None,
         reference_cache_bytes: int = 2 * 2**30,
         expert_cache_bytes: int = 2**30,
+        documents: list[torch.Tensor] | None = None,
     ):
         check_metric(metric)
         self.stream = stream
@@ -92,7 +94,7 @@ class StreamedGreedySearch(GreedySearch):
         self.metric = metric
         # embeddings run where the streamer keeps them (host); only the running layer is on the device
         self.hidden0 = self._prepare(input_ids, batch_size, storage, candidates_per_forward, expert_cache_bytes,
-                                     stream.rest_device).hidden
+                                     stream.rest_device, documents).hidden
         # the final norm (and the LM head for next-token metrics) join the device for the search
         self._moved = [self.adapter.final_norm(self.model)]
         if metric != "hidden-js":
@@ -191,22 +193,26 @@ class StreamedGreedySearch(GreedySearch):
                 for i in range(len(self.kwargs)):
                     h = hidden[i].to(self.device)
                     if j in wanted:
-                        if i == 0:
+                        if i == 0 and self.documents is None:
                             self.stats[j] = RoutingMass.zeros(self.blocks[j].num_experts)
                         out = self._capture_original(j, h, i)
-                        x = self.x[j][i].to(self.device)
-                        self.stats[j].update(self._bound(j, i, x), x)
+                        if self.documents is None:
+                            x = self.x[j][i].to(self.device)
+                            self.stats[j].update(self._bound(j, i, x), x)
                     else:
                         out = self._layer(j, h, i)
                     hidden[i] = out.to(self.storage)
                 self.recording = False
                 self.counts.layer_forwards += 1
+                self._document_step(j, wanted)  # the weight documents, while layer j is loaded
                 if j in wanted:
                     actions[j] = decide(j)
                     inflight[j] = self._candidate_hidden(j, actions[j])
             finally:
                 self._release(j)
         self.hidden0 = []  # layer-0 inputs are not needed again
+        if self.documents is not None:
+            self.documents.close()
         self._make_scorer(hidden)
         self._first_step = self._score_inflight(inflight)
         self.sweep_seconds.append(time.perf_counter() - start)
