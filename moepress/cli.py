@@ -136,8 +136,11 @@ LayersOpt = Annotated[int | None, typer.Option("--layers", help="search methods:
 ExpertsOpt = Annotated[int | None, typer.Option(help="cd-moe-sr: routed experts kept per condensed layer")]
 BudgetOpt = Annotated[float | None, typer.Option(help="search methods: share of the original bytes to keep")]
 HpOpt = Annotated[list[str] | None, typer.Option("--hp", help="method hyperparameter KEY=VALUE (repeatable)")]
-NOpt = Annotated[int | None, typer.Option("-n", help="calibration sequences [128]")]
-SeqOpt = Annotated[int | None, typer.Option(help="tokens per calibration sequence [512]")]
+NOpt = Annotated[int | None, typer.Option(
+    "-n", help="calibration sequences [128]; search methods (cd-moe*, layer-drop): 100 documents")]
+SeqOpt = Annotated[int | None, typer.Option(
+    help="tokens per calibration sequence [512]; search methods: 256, each document's first tokens (cd-moe-sr's "
+    "fixed weights: each document whole, up to the model's context length)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 StreamOpt = Annotated[bool, typer.Option(
     help="one decoder layer on the device (and in memory) at a time, read from the safetensors shards")]
