@@ -85,7 +85,8 @@ def test_novice_output_is_native_refused_by_plain_transformers_and_exact_in_moep
     assert config["approximate_experts"] == {str(i): list(NOVICES) for i in moe}
     written = _tensors(out)
     approx = {k for k in written if k.endswith(".approx_value")}
-    assert len(approx) == len(moe) * len(NOVICES)
+    guard = {k for k in approx if ".moepress_novice_guard." in k}
+    assert len(guard) == 1 and len(approx) == len(moe) * len(NOVICES) + 1
     for k in approx:  # the plan's novice vectors, under <experts prefix>.<id>.approx_value
         layer, expert = (int(p) for p in k.split(".") if p.isdigit())
         assert torch.equal(written[k], plan.novices(layer)[expert].to(written[k].dtype))
@@ -138,8 +139,13 @@ def test_native_layers_follow_the_substitution_semantics(tmp_path):
 
 def test_vllm_parser_reads_the_written_config_and_names(tmp_path):
     """Where the installed vLLM has expert substitution (>= 0.33), its own parser reads what moepress wrote."""
-    substitution = pytest.importorskip("vllm.model_executor.layers.fused_moe.expert_substitution")
-    from vllm.model_executor.models.expert_substitution import _parse_approx_value_name
+    import importlib
+
+    try:  # vLLM's own parser; a vLLM before 0.33 has none (bench/vllm_native_format_check.py reads 0.33's source)
+        substitution = importlib.import_module("vllm.model_executor.layers.fused_moe.expert_substitution")
+        from vllm.model_executor.models.expert_substitution import _parse_approx_value_name
+    except Exception as err:  # noqa: BLE001 - vLLM missing, too old, or not importable on this machine
+        pytest.skip(f"no vLLM with expert substitution here ({type(err).__name__})")
 
     source = tiny_model("olmoe")
     plan, moe = _novice_plan(source)
@@ -148,7 +154,7 @@ def test_vllm_parser_reads_the_written_config_and_names(tmp_path):
     spec = substitution._parse_approximate_experts(config["approximate_experts"])
     assert spec.experts == {i: NOVICES for i in moe}
     names = {_parse_approx_value_name(k) for k in _tensors(out) if k.endswith(".approx_value")}
-    assert names == {(i, e) for i in moe for e in NOVICES}
+    assert names == {(i, e) for i in moe for e in NOVICES}  # the guard copy parses as one of them
 
 
 def _native_folder(tmp_path):

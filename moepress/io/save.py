@@ -290,6 +290,25 @@ def _write_folder(
     else:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
     finish_folder(tmp, model, plan, source, native=native)
+    _index_single_shard(tmp)
+
+
+def _index_single_shard(folder: Path) -> None:
+    """Give a one-file checkpoint an index when other safetensors lie beside it (the plan's tensors):
+    a loader that finds no index reads every top-level `*.safetensors` as weights (vLLM does)."""
+    if (folder / "model.safetensors.index.json").is_file() or not (folder / "model.safetensors").is_file():
+        return
+    if not any(f.name != "model.safetensors" for f in folder.glob("*.safetensors")):
+        return
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    index = {
+        "metadata": {"total_size": (folder / "model.safetensors").stat().st_size},
+        "weight_map": dict.fromkeys(sorted(names), "model.safetensors"),
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _remote_base(model: nn.Module) -> bool:

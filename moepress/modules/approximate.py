@@ -52,6 +52,19 @@ def approx_value_name(expert_key: str, expert: int) -> str:
     return ".".join([*parts[:at], str(expert)]) + APPROX_VALUE_SUFFIX
 
 
+def guard_name(expert_key: str, expert: int) -> str:
+    """A second copy of one novice vector, outside the experts module (`<block>.moepress_novice_guard.<id>
+    .approx_value`): vLLM >= 0.33 reads it as that novice's value again (it parses only the layer index
+    and the id), while a vLLM without expert substitution, which silently skips `approx_value` under the
+    experts and leaves the novices' experts uninitialised, stops at it ("no module or parameter named")
+    instead of serving garbage. One vector per checkpoint."""
+    path = approx_value_name(expert_key, expert).removesuffix(APPROX_VALUE_SUFFIX).split(".")
+    return ".".join([*path[:-2], GUARD, path[-1]]) + APPROX_VALUE_SUFFIX
+
+
+GUARD = "moepress_novice_guard"
+
+
 def novice_layers(structure: dict) -> dict[int, tuple[list[int], list[int]]]:
     """Per layer of `structure` (all `prune` with every router row kept): (retained ids, novice ids)."""
     out = {}
@@ -202,6 +215,8 @@ def rename_layer(model: nn.Module, structure: dict, idx: int, state: dict[str, t
     values = model.get_submodule(_experts_prefix(model, structure, idx)).novices.detach()
     for row, expert in enumerate(novices):
         state[approx_value_name(local_keys[0], expert)] = values[row].clone()
+    if idx == min(novice_layers(structure)):
+        state[guard_name(local_keys[0], novices[0])] = values[0].clone()
 
 
 def load_native(model: nn.Module, structure: dict, read: Callable[[str], torch.Tensor], available: set[str]) -> None:
