@@ -30,6 +30,7 @@ KINDS = {
     "mone": ("mone", {"ratio": 0.25}),
     "zero-novice": ("mone-zero-novice", {"ratio": 0.25}),
     "cd-moe-s": ("cd-moe-s", {"layers": 2}),
+    "cd-moe-sr": ("cd-moe-sr", {"layers": 2}),
     "layer-drop": ("layer-drop", {"layers": 2}),
 }
 
