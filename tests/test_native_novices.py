@@ -204,3 +204,19 @@ def test_moepress_format_stays_available(tmp_path):
     out = save_compressed(apply_plan(source, plan), plan, tmp_path / "out", novice_format="moepress")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "moepress_olmoe" and "approximate_experts" not in config
+
+
+def test_olmoe_mini_mone_output_is_native_and_refused_by_plain_transformers(tmp_path):
+    """The issue's case on the real bundled checkpoint: `moepress compress olmoe-mini --method mone`."""
+    from .conftest import mini_model_path
+
+    source = mini_model_path("olmoe-mini")
+    data = source.parents[1] / "data" / "calib.txt"
+    out = moepress.compress(source, "mone", tmp_path / "out", data=data, ratio=0.25, n=8, seq_len=64)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "olmoe" and config["architectures"] == ["OlmoeForCausalLM"]
+    assert sum(map(len, config["approximate_experts"].values())) == 16 * 8  # 25% of 64 experts in 8 layers
+    with pytest.raises((RuntimeError, ValueError), match="mismatch|size"):
+        AutoModelForCausalLM.from_pretrained(out)
+    model = moepress.load(out)
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
