@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from safetensors.torch import load_file, save_file
 
 from moepress.errors import MoepressError
+from moepress.models import get_adapter
 
 PLAN_VERSION = 1
 FIX_PLAN = "fix the plan file or re-run `moepress plan` on this model"
@@ -237,8 +238,6 @@ class CompressionPlan(BaseModel):
     # ---- validation against a model -------------------------------------------------------------
     def validate_for(self, model, adapter=None) -> None:
         """Raise MoepressError if the plan cannot apply to `model` (checked before any tensor moves)."""
-        from moepress.models import get_adapter
-
         adapter = adapter or get_adapter(model)
         fp = self.model_fingerprint
         if fp is not None and fp != model_fingerprint(model):

@@ -299,7 +299,6 @@ def test_moe_family_without_an_adapter(calib, outs, tmp_path, monkeypatch):
     from moepress.pipeline import byte_tokenizer
 
     model_type = "zaya"
-    base._load_all()
     monkeypatch.setattr(base, "_REGISTRY", [a for a in base._REGISTRY if model_type not in a.model_types])
     monkeypatch.setitem(NO_ADAPTER_YET, model_type, "its router takes state carried from the previous layer")
     config = AutoConfig.for_model(model_type)  # full size: only an empty (meta) copy is ever built

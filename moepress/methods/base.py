@@ -158,25 +158,8 @@ def register_method(
     return decorate
 
 
-def _load_all() -> None:
-    # Importing the method files registers them; lazy so that base has no import cycle.
-    from moepress.methods import (  # noqa: F401
-        frequency,
-        hc_smoe,
-        m_smoe,
-        mone,
-        mone_ablations,
-        naee,
-        random_prune,
-        ream,
-        reap,
-        rs,
-    )
-
-
 def available_methods() -> list[str]:
     """Names of the registered expert-pruning methods, sorted."""
-    _load_all()
     return sorted(_METHODS)
 
 
@@ -194,7 +177,6 @@ def method_is_sequential(name: str) -> bool:
 
 def get_method(name: str) -> MethodFn:
     """The method registered as `name`: `(stats, ratio, *, seed, blocks, moe_inputs, **hp) -> plan`."""
-    _load_all()
     if name not in _METHODS:
         raise MoepressError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]

@@ -20,12 +20,51 @@ Documents are capped at the model's context length by the caller (`data.document
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from moepress.calibrate.runner import LayerInputs, capture_inputs, run_layer
 from moepress.methods.simulate import forward_replaced
 from moepress.models.base import Adapter, MoEBlock
+
+
+@dataclass
+class RoutingMass:
+    """Per routed expert: Σ of the post-top-k gate weight it received, and on how many tokens.
+
+    The same sums as `LayerStats.weight_sum` / `count` / `tokens`, without the expert outputs the
+    full statistics also compute (the search needs only the weights). As there, slots routed to extra
+    router rows (ids >= E, e.g. LongCat-Flash's identity experts) are not experts and are not counted.
+    """
+
+    weight_sum: torch.Tensor  # [E] float64
+    count: torch.Tensor  # [E] float64
+    tokens: int = 0
+
+    @classmethod
+    def zeros(cls, num_experts: int) -> RoutingMass:
+        zeros = torch.zeros(num_experts, dtype=torch.float64)
+        return cls(zeros, zeros.clone())
+
+    def update(self, block: MoEBlock, x: torch.Tensor) -> None:
+        route = block.route(x.reshape(-1, block.hidden_size))
+        index = route.index.reshape(-1).cpu()
+        weights = route.weights.reshape(-1).double().cpu()
+        real = index < self.weight_sum.shape[0]  # extra router rows have no slot
+        index, weights = index[real], weights[real]
+        self.weight_sum.index_add_(0, index, weights)
+        self.count.index_add_(0, index, torch.ones(index.shape, dtype=torch.float64))
+        self.tokens += route.index.shape[0]
+
+    @property
+    def mean_weight_all_tokens(self) -> torch.Tensor:
+        return self.weight_sum / max(self.tokens, 1)
+
+    @property
+    def mean_weight_routed_tokens(self) -> torch.Tensor:
+        return self.weight_sum / self.count.clamp(min=1)
 
 
 class DocumentRouting:
@@ -40,8 +79,6 @@ class DocumentRouting:
         capture_device: torch.device,
         storage: torch.device,
     ):
-        from moepress.methods.greedy_search import RoutingMass
-
         self._zeros = RoutingMass.zeros
         self.inputs: list[LayerInputs] = [
             capture_inputs(model, doc.reshape(1, -1), 1, adapter, capture_device, storage=storage) for doc in documents

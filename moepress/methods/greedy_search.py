@@ -58,7 +58,7 @@ from torch import nn
 
 from moepress.calibrate.runner import LayerInputs, _to, capture_inputs, hand_on_rule
 from moepress.errors import MoepressError
-from moepress.methods.document_routing import DocumentRouting
+from moepress.methods.document_routing import DocumentRouting, RoutingMass
 from moepress.methods.scoring import FinalHiddenScorer, HiddenReference, Metric, NextTokenScorer, check_metric
 from moepress.methods.simulate import actions_applied, forward_replaced
 from moepress.models import get_adapter
@@ -87,43 +87,6 @@ class ForwardCounts:
     metric_evals: int = 0
     layer_loads: int = 0
     document_layer_forwards: int = 0  # one decoder layer over the whole weight documents (`document_routing`)
-
-
-@dataclass
-class RoutingMass:
-    """Per routed expert: Σ of the post-top-k gate weight it received, and on how many tokens.
-
-    The same sums as `LayerStats.weight_sum` / `count` / `tokens`, without the expert outputs the
-    full statistics also compute (the search needs only the weights). As there, slots routed to extra
-    router rows (ids >= E, e.g. LongCat-Flash's identity experts) are not experts and are not counted.
-    """
-
-    weight_sum: torch.Tensor  # [E] float64
-    count: torch.Tensor  # [E] float64
-    tokens: int = 0
-
-    @classmethod
-    def zeros(cls, num_experts: int) -> RoutingMass:
-        zeros = torch.zeros(num_experts, dtype=torch.float64)
-        return cls(zeros, zeros.clone())
-
-    def update(self, block: MoEBlock, x: torch.Tensor) -> None:
-        route = block.route(x.reshape(-1, block.hidden_size))
-        index = route.index.reshape(-1).cpu()
-        weights = route.weights.reshape(-1).double().cpu()
-        real = index < self.weight_sum.shape[0]  # extra router rows have no slot
-        index, weights = index[real], weights[real]
-        self.weight_sum.index_add_(0, index, weights)
-        self.count.index_add_(0, index, torch.ones(index.shape, dtype=torch.float64))
-        self.tokens += route.index.shape[0]
-
-    @property
-    def mean_weight_all_tokens(self) -> torch.Tensor:
-        return self.weight_sum / max(self.tokens, 1)
-
-    @property
-    def mean_weight_routed_tokens(self) -> torch.Tensor:
-        return self.weight_sum / self.count.clamp(min=1)
 
 
 @dataclass

@@ -53,18 +53,11 @@ def search_layer_change(name: str, experts: int) -> LayerAction:
     return _LAYER_CHANGES[name](experts)
 
 
-def _load_all() -> None:
-    # Importing the method files registers them; lazy so this module has no import cycle.
-    from moepress.methods import cd_moe  # noqa: F401
-
-
 def available_search_methods() -> list[str]:
-    _load_all()
     return sorted(_SEARCH_METHODS)
 
 
 def get_search_method(name: str) -> SearchMethodFn:
-    _load_all()
     if name not in _SEARCH_METHODS:
         raise MoepressError(
             f"unknown search method {name!r}; choose one of: {', '.join(sorted(_SEARCH_METHODS))}"

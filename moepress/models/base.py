@@ -9,19 +9,25 @@ drop) without rebuilding the model.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moepress.errors import MoepressError
+from moepress.models.transformers_moe import NO_ADAPTER_YET, check_model_type, is_transformers_moe
 from moepress.modules.model_type import source_model_type
 
-if TYPE_CHECKING:
-    from moepress.plan import LayerAction
+
+class BlockAction(Protocol):
+    """What a block reads of a plan action (`moepress.plan`'s Keep / Prune / Condense / Drop, one layer
+    of a `CompressionPlan`): its kind, then that kind's fields (`keep_experts`/`novices` of a prune,
+    `experts`/`weights`/`keep_shared` of a condense). A protocol, so that the view every method sees
+    does not import the plan that is made from it."""
+
+    action: str
 
 
 @dataclass(frozen=True)
@@ -450,7 +456,7 @@ class MoEBlock:
     def forward(
         self,
         x: torch.Tensor,
-        action: LayerAction | None = None,
+        action: BlockAction | None = None,
         novices: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The block's output for x [..., H] under a plan action (None = the original block)."""
@@ -593,24 +599,7 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 
 def supported_families() -> list[str]:
-    _load_all()
     return [a.family for a in _REGISTRY]
-
-
-_NOT_FAMILY_FILES = {"base", "declared", "families", "loading"}
-
-
-@functools.cache
-def _load_all() -> None:
-    # Importing the family files registers them (once); kept lazy so base has no import cycle.
-    import importlib
-    import pkgutil
-
-    import moepress.models as package
-
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if info.name not in _NOT_FAMILY_FILES:
-            importlib.import_module(f"moepress.models.{info.name}")
 
 
 def get_adapter(model: nn.Module, require_moe: bool = True) -> Adapter:
@@ -619,15 +608,12 @@ def get_adapter(model: nn.Module, require_moe: bool = True) -> Adapter:
     `require_moe=False` also accepts a model whose MoE layers were all condensed or dropped (fine-tuning
     a compressed model still needs to find its layers).
     """
-    _load_all()
     for adapter in _REGISTRY:
         if adapter.matches(model):
             if require_moe and not adapter.moe_layer_ids(model):
                 raise MoepressError(f"model of family {adapter.family} has no MoE layer; nothing to compress")
             return adapter
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    from moepress.models.families import NO_ADAPTER_YET, check_model_type, is_transformers_moe
-
     check_model_type(model_type)
 
     if is_transformers_moe(source_model_type(model_type)):

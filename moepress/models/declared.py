@@ -29,7 +29,7 @@ from moepress.models.base import (
     TransformersExperts,
     register_adapter,
 )
-from moepress.models.families import NEEDS_NEWER_TRANSFORMERS, release, transformers_release
+from moepress.models.transformers_moe import NEEDS_NEWER_TRANSFORMERS, release, transformers_release
 
 RoutingRule = Callable[[nn.Module, Any], Routing]  # (router module, text config) -> Routing
 
@@ -53,7 +53,7 @@ class Family:
     - `layers`: dotted path of the decoder layers from the top model (VLM wrappers differ);
     - `norm`: dotted path of what runs between the last decoder layer and the LM head, or several
       applied in order (hyper-connection families collapse their streams before the norm);
-    - `tiny`: overrides on top of moepress.testing's generic tiny config (or a function editing it).
+    - `tiny`: overrides on top of moepress.models.tiny's generic tiny config (or a function editing it).
     """
 
     name: str

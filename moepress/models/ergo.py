@@ -24,8 +24,8 @@ from torch import nn
 
 from moepress.models.base import MoEBlock, RouteResult, Routing, TransformersExperts, register_adapter
 from moepress.models.declared import FAMILIES, DeclaredAdapter, Family
-from moepress.models.families import NEEDS_NEWER_TRANSFORMERS
 from moepress.models.sigmoid_routing import moe_tiny
+from moepress.models.transformers_moe import NEEDS_NEWER_TRANSFORMERS
 
 
 def ergo_routing(router, config) -> Routing:

@@ -1,5 +1,6 @@
-"""Which model types of the installed transformers are Mixture-of-Experts decoders, derived from the
-library itself: a causal-LM model type whose modeling file defines a routed-experts class.
+"""The MoE families: which model types of the installed transformers are Mixture-of-Experts decoders
+(`models.transformers_moe`, re-exported here) and what the registered adapters make of them, as the
+table `moepress families` prints.
 
 tests/test_adapters.py compares this list with the families moepress has adapters for, so a
 transformers release that adds an MoE family fails the suite by that family's name.
@@ -7,110 +8,30 @@ transformers release that adds an MoE family fails the suite by that family's na
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import re
-from functools import cache
+from moepress.models import base
+from moepress.models.tiny import tiny_model
+from moepress.models.transformers_moe import (
+    NEEDS_NEWER_TRANSFORMERS,
+    NO_ADAPTER_YET,
+    check_model_type,
+    is_transformers_moe,
+    needs_newer_transformers,
+    release,
+    transformers_knows,
+    transformers_moe_model_types,
+    transformers_release,
+)
 
-# transformers names its routed-experts classes `<Family>Experts` (fused, `use_experts_implementation`),
-# `<Family>ExpertGLU` (DBRX) or `<Family>ParallelExperts` (JetMoE); shared experts are not routed
-_EXPERTS_CLASS = re.compile(r"(Experts|ExpertGLU)$")
-
-
-@cache
-def transformers_moe_model_types() -> dict[str, str]:
-    """model_type -> causal-LM class name, for every causal LM of the installed transformers whose
-    modeling module defines a routed-experts class."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    found = {}
-    for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
-        try:
-            module = importlib.import_module(getattr(transformers, class_name).__module__)
-        except Exception:  # noqa: BLE001 - a model whose optional dependency is missing cannot be loaded anyway
-            continue
-        prefix = re.sub(r"For\w+$", "", class_name)
-        if any(
-            inspect.isclass(obj)
-            and obj.__module__ == module.__name__
-            and _EXPERTS_CLASS.search(name)
-            and (not name.endswith("SharedExperts") or name == prefix + "Experts")
-            for name, obj in vars(module).items()
-        ):
-            found[model_type] = class_name
-    return found
-
-
-# model_type -> the transformers release the family's classes came in (`Family.since`), for each declared
-# family the installed release is older than (filled by `moepress.models.declared.declare`, which registers
-# no adapter for them)
-NEEDS_NEWER_TRANSFORMERS: dict[str, str] = {}
-
-
-def release(version: str) -> tuple[int, int]:
-    """(major, minor) of a version string: `5.24.0.dev0` has the families of 5.24."""
-    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
-    return int(major), int(minor)
-
-
-def transformers_release() -> tuple[int, int]:
-    import transformers
-
-    return release(transformers.__version__)
-
-
-def transformers_knows(model_type: str) -> bool:
-    """Whether the installed transformers has a config class (and so the model classes) for `model_type`."""
-    from transformers import CONFIG_MAPPING
-
-    return model_type in CONFIG_MAPPING
-
-
-def needs_newer_transformers(model_type: str) -> str | None:
-    """The one-line reason `model_type` (or the source family of a `moepress_<family>` output) cannot be
-    used with the installed transformers because its family came in a later release; None if it can."""
-    from moepress.models.base import _load_all
-    from moepress.modules.model_type import source_model_type
-
-    _load_all()
-    source = source_model_type(model_type)
-    since = NEEDS_NEWER_TRANSFORMERS.get(source)
-    if since is None:
-        return None
-    import transformers
-
-    return (
-        f"model type {source!r} needs transformers >= {since} (installed: {transformers.__version__}); "
-        "pip install -U transformers"
-    )
-
-
-def check_model_type(model_type: str) -> None:
-    """Raise `MoepressError` with `needs_newer_transformers`' line, if it has one."""
-    from moepress.errors import MoepressError
-
-    reason = needs_newer_transformers(model_type)
-    if reason:
-        raise MoepressError(reason)
-
-
-def is_transformers_moe(model_type: str) -> bool:
-    """Whether `model_type` is an MoE family of the installed transformers (cheap for known types)."""
-    return model_type in transformers_moe_model_types()
-
-
-# MoE model types of transformers that moepress has no adapter for yet, with the reason (shown to users).
-NO_ADAPTER_YET: dict[str, str] = {
-}
+__all__ = [
+    "NEEDS_NEWER_TRANSFORMERS", "NO_ADAPTER_YET", "check_model_type", "families_markdown", "families_table",
+    "is_transformers_moe", "markdown_table", "needs_newer_transformers", "release", "routing_description",
+    "supported_model_types", "transformers_knows", "transformers_moe_model_types", "transformers_release",
+]
 
 
 def supported_model_types() -> set[str]:
     """Every model_type some registered adapter accepts."""
-    from moepress.models.base import _REGISTRY, _load_all
-
-    _load_all()
-    return {t for adapter in _REGISTRY for t in adapter.model_types}
+    return {t for adapter in base._REGISTRY for t in adapter.model_types}
 
 
 def routing_description(block) -> str:
@@ -133,14 +54,10 @@ def routing_description(block) -> str:
 
 
 def families_table() -> list[dict[str, str]]:
-    """One row per registered family, read from a tiny random model of it (moepress.testing): model
+    """One row per registered family, read from a tiny random model of it (`models.tiny`): model
     types, where the MoE block lives, shared experts, routing and the condensed form."""
-    from moepress.models.base import _REGISTRY, _load_all
-    from moepress.testing import tiny_model
-
-    _load_all()
     rows = []
-    for adapter in _REGISTRY:
+    for adapter in base._REGISTRY:
         model_type = adapter.model_types[0]
         if model_type not in transformers_moe_model_types():  # remote code: no class in transformers
             continue

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from moepress.versions import transformers_release
+
 STRUCTURE_VERSION = 1
 
 
@@ -46,8 +48,6 @@ def register_weight_conversions(model_type: str, source_model_type: str) -> None
 
 
 def _eager_rejects_sentinel() -> bool:
-    from moepress.models.families import transformers_release
-
     return transformers_release() < (5, 18)
 
 

@@ -31,6 +31,7 @@ from moepress.errors import MoepressError
 from moepress.models import Adapter, MoEBlock
 from moepress.models.base import DensePlacement
 from moepress.plan import CompressionPlan, Condense, Drop, LayerAction, Prune
+from moepress.surgery.architecture import activation_name, uniform_expert_count
 
 DENSE_LAYERS = ("auto", "never")
 
@@ -70,8 +71,6 @@ def refusal(block: MoEBlock, action: LayerAction, placement: DensePlacement, con
     gated = block.experts.weights(0)[0] is not None
     if gated != placement.gated:
         return "its experts and the dense MLP differ in gating"
-    from moepress.surgery.apply import activation_name
-
     if activation_name(block.experts.act_fn, config) != placement.hidden_act:
         return "its experts and the dense MLP differ in activation"
     if not zero_rows_inert(placement.hidden_act, gated):
@@ -97,8 +96,6 @@ def dense_layer_ids(
     if any(refusal(blocks[i], plan.action(i), placement, config) is not None for i in changed):
         return []
     if any(isinstance(a, Prune) for a in plan.layers.values()):
-        from moepress.surgery.apply import uniform_expert_count
-
         if uniform_expert_count(model, plan, adapter, dense=set(changed)) is None:
             return []
     return changed
