@@ -177,7 +177,7 @@ def usage_section(fmt: str, remote_code: bool, auto_map: bool | None = None) -> 
         "changed sizes in config.json; no custom code is needed"
         + (" beyond the source's own remote code, which this folder carries" if remote_code else "")
         + ".",
-        NATIVE: "**the source architecture with `approximate_experts`**: the novice format vLLM reads natively "
+        NATIVE: "**source architecture with `approximate_experts`**: the novice format vLLM reads natively "
         "(retained experts under their original ids, novices as `<experts>.<id>.approx_value`). "
         "Plain transformers refuses it (the expert count differs from the config's).",
         MODULES: "**moepress modules**: config.json carries `moepress_structure` and its own `model_type`; "
@@ -209,6 +209,17 @@ def usage_section(fmt: str, remote_code: bool, auto_map: bool | None = None) -> 
     load.append("```")
     if fmt == PLAIN:
         serve = ["```bash", f"vllm serve {FOLDER}{trust_flag}", "```"]
+    elif fmt == NATIVE:
+        serve = [
+            "vLLM 0.33 and later serve this format as it is. An older vLLM needs moepress installed next to it "
+            "(its vLLM plugin takes the novices over); without it, it stops at the `moepress_novice_guard` "
+            "tensor rather than serving the novices' experts uninitialised.",
+            "",
+            "```bash",
+            "pip install moepress  # only for vLLM < 0.33",
+            f"vllm serve {FOLDER}",
+            "```",
+        ]
     else:
         serve = [
             "With moepress installed next to vLLM, vLLM loads this folder through moepress's vLLM plugin "
