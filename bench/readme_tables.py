@@ -1,6 +1,7 @@
-"""Markdown tables for the README's results section, read from bench/results/*.json.
+"""Markdown tables for the results in docs/results.md (and the README's headline tables), read from
+bench/results/*.json.
 
-The numbers in the README are pasted from this script's output, so they always trace back to a
+The numbers in docs/results.md and the README are pasted from this script's output, so they always trace back to a
 results file (which records the command, device and library versions that produced it).
 
     python bench/readme_tables.py

@@ -60,7 +60,7 @@ def inspect(
 
 @app.command()
 def families(
-    markdown: Annotated[bool, typer.Option("--markdown", help="print the README's Markdown table")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print docs/families.md's Markdown table")] = False,
 ) -> None:
     """Every MoE family moepress has an adapter for, where its MoE pieces live and how it routes."""
     from moepress.models.families import (

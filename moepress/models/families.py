@@ -88,7 +88,7 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
 
 
 def families_markdown() -> str:
-    """The README's families section: the table of supported families, then those without an adapter."""
+    """The families section of docs/families.md: the table of supported families, then those without an adapter."""
     missing = "; ".join(f"`{t}` ({reason})" for t, reason in sorted(NO_ADAPTER_YET.items()))
     text = markdown_table(families_table())
     return text + (f"\n\nNo adapter yet (the error names the reason): {missing}." if missing else "")
