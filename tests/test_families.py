@@ -175,15 +175,21 @@ def test_every_method_round_trips(family, tmp_path):
 
 
 def test_readme_families_table_is_generated_from_the_adapters():
+    import re
     from pathlib import Path
 
     from moepress.models.families import NEEDS_NEWER_TRANSFORMERS, families_markdown, release
 
     supported_model_types()  # registers every family
-    if NEEDS_NEWER_TRANSFORMERS:
-        newest = max(NEEDS_NEWER_TRANSFORMERS.values(), key=release)
-        pytest.skip(f"docs/families.md's table lists the families of transformers >= {newest}")
+    root = Path(__file__).resolve().parents[1]
+    # the table is generated on the newest transformers pyproject admits; families of a release past the
+    # pin are declared for when it lifts and listed in the text, not the table
+    below = re.search(r'"transformers>=[\d.]+,<([\d.]+)"', (root / "pyproject.toml").read_text())[1]
+    missing = {t: r for t, r in NEEDS_NEWER_TRANSFORMERS.items() if release(r) < release(below)}
+    if missing:
+        newest = max(missing.values(), key=release)
+        pytest.skip(f"docs/families.md's table lists the families of transformers {newest}, newer than this one")
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "families.md").read_text()
+    doc = (root / "docs" / "families.md").read_text()
     table = doc.split("<!-- families:start -->\n", 1)[1].split("<!-- families:end -->", 1)[0]
     assert table.strip() == families_markdown().strip(), "run `moepress families --markdown`"
