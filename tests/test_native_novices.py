@@ -52,7 +52,8 @@ def _tensors(folder) -> dict[str, torch.Tensor]:
     return out
 
 
-# novice plans fail in these families before anything is written, in either format (known, not this test's subject)
+# on transformers 5.25 (past the pin) novice plans fail in these families before anything is written, in either
+# format: 5.25 changed their classes (known, not this test's subject; they pass on the pinned releases)
 BROKEN = {
     "bailing_hybrid": "its experts class takes the layer index, which novice surgery does not pass",
     "longcat_flash": "tiny-model expert count lookup (num_routed_experts) missing",
@@ -62,7 +63,7 @@ BROKEN = {
 
 @pytest.mark.parametrize(
     "family",
-    [pytest.param(f, marks=pytest.mark.xfail(reason=BROKEN[f], strict=True)) if f in BROKEN else f for f in FAMILIES],
+    [pytest.param(f, marks=pytest.mark.xfail(reason=BROKEN[f], strict=False)) if f in BROKEN else f for f in FAMILIES],
 )
 def test_novice_output_is_native_refused_by_plain_transformers_and_exact_in_moepress(family, tmp_path):
     source = tiny_model(family)
