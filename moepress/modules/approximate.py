@@ -207,7 +207,8 @@ def native_layer_state(model: nn.Module, structure: dict, idx: int, prefix: str)
 def rename_layer(model: nn.Module, structure: dict, idx: int, state: dict[str, torch.Tensor]) -> None:
     """In `state` (on-disk names, retained experts numbered 0..n-1 as the family's class stores them):
     give novice layer `idx`'s retained experts their original ids and add its `approx_value`s."""
-    kept, novices = novice_layers(structure)[idx]
+    layers = novice_layers(structure)
+    kept, novices = layers[idx]
     local_keys = [key for local in layer_expert_names(model, structure, idx).values() for key in local]
     # every local name popped before any is put back: a retained expert's original id may be another's local one
     renamed = {with_expert_id(key, kept[integer_parts(key)[1]]): state.pop(key) for key in local_keys}
@@ -215,7 +216,7 @@ def rename_layer(model: nn.Module, structure: dict, idx: int, state: dict[str, t
     values = model.get_submodule(_experts_prefix(model, structure, idx)).novices.detach()
     for row, expert in enumerate(novices):
         state[approx_value_name(local_keys[0], expert)] = values[row].clone()
-    if idx == min(novice_layers(structure)):
+    if idx == min(layers):  # the one guard copy goes with the first novice layer
         state[guard_name(local_keys[0], novices[0])] = values[0].clone()
 
 
