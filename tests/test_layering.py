@@ -8,8 +8,10 @@ every `import`/`from ... import` in A that names a moepress module B, plus B's e
 - top level: the imports that run when the module is imported (`if TYPE_CHECKING:` blocks left out).
   A circle here is a layering error and fails `test_no_top_level_import_circle`, which prints it.
 - all: also the imports inside functions and under `TYPE_CHECKING`. A function-level import that
-  closes a circle only dodges it at import time; the circles left are listed in `KNOWN_LAZY_CIRCLES`
-  with why, and a new one fails `test_no_new_lazy_import_circle`.
+  closes a circle only dodges it at import time, so a circle here fails too
+  (`test_no_import_circle_through_lazy_imports`). There is no list of tolerated circles: the last one
+  (io -> surgery -> io) was cut by moving `Size`/`size_of`/`size_by_component` below both, into
+  `moepress.model_size`.
 
 `python tests/test_layering.py` prints both graphs' circles.
 """
@@ -21,17 +23,6 @@ from collections import deque
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "moepress"
-
-# Circles through function-level imports that remain, each as the set of its modules.
-KNOWN_LAZY_CIRCLES: list[frozenset[str]] = [
-    # io -> surgery -> io: surgery.apply counts bytes per component with io.sizes (top level), while
-    # io.load (`describe`), io.model_card (`describe_action`) and io.sizes (`dense_layer_ids`) import
-    # surgery inside functions, since `moepress/io/__init__.py` imports load, save and sizes up front.
-    # Cut by moving `Size`/`size_of`/`size_by_component` below surgery (not done yet).
-    frozenset({"moepress.io", "moepress.io.load", "moepress.io.model_card", "moepress.io.save",
-               "moepress.io.sizes", "moepress.surgery", "moepress.surgery.apply"}),
-]
-
 
 def _modules() -> dict[str, tuple[Path, bool]]:
     mods = {}
@@ -169,9 +160,9 @@ def test_no_top_level_import_circle():
     )
 
 
-def test_no_new_lazy_import_circle():
+def test_no_import_circle_through_lazy_imports():
     graph = import_graph(top_level_only=False)
-    new = [c for c in circles(graph) if frozenset(c) not in KNOWN_LAZY_CIRCLES]
+    new = circles(graph)
     assert not new, (
         "import circle through a function-level (or TYPE_CHECKING) import: a lazy import that dodges a "
         "circle is still one; move what both sides need to a lower module:\n" + describe(graph, new)

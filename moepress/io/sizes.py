@@ -1,58 +1,22 @@
-"""What a checkpoint weighs: measured on a model, or predicted for a plan before any tensor moves.
+"""What a checkpoint weighs: measured on a model (`moepress.model_size`, re-exported here), or
+predicted for a plan before any tensor moves.
 
 Both count what `save_pretrained` writes: every parameter and persistent buffer once (tied weights
 once), in its own dtype. The prediction is arithmetic on the source model's shapes, independent of
-the surgery code, so the tests that compare it with written files check the surgery too.
+the surgery code (but for which layers `surgery.dense` writes as dense MLPs), so the tests that
+compare it with written files check the surgery too.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass
-
-import torch
 from torch import nn
 
-from moepress.models import Adapter, get_adapter
+from moepress.model_size import Size, saved_tensors, size_by_component, size_of
+from moepress.models import get_adapter
 from moepress.plan import CompressionPlan, Condense, Drop, Prune
+from moepress.surgery.dense import dense_layer_ids
 
-
-@dataclass(frozen=True)
-class Size:
-    params: int
-    bytes: int
-
-
-def saved_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor a checkpoint stores: parameters (tied ones once) and
-    persistent buffers such as DeepSeek-V3's `e_score_correction_bias`."""
-    yield from model.named_parameters()
-    for mod_name, mod in model.named_modules():
-        for name, buf in mod.named_buffers(recurse=False):
-            if buf is not None and name not in mod._non_persistent_buffers_set:
-                yield (f"{mod_name}.{name}" if mod_name else name), buf
-
-
-def size_of(model: nn.Module) -> Size:
-    params = nbytes = 0
-    for _, t in saved_tensors(model):
-        params += t.numel()
-        nbytes += t.numel() * t.element_size()
-    return Size(params, nbytes)
-
-
-def size_by_component(model: nn.Module, adapter: Adapter) -> tuple[dict[str, int], dict[str, int]]:
-    """(parameters, bytes) per `adapter.component`, each with a 'total'."""
-    params: dict[str, int] = defaultdict(int)
-    nbytes: dict[str, int] = defaultdict(int)
-    for name, t in saved_tensors(model):
-        c = adapter.component(name)
-        params[c] += t.numel()
-        nbytes[c] += t.numel() * t.element_size()
-    params["total"] = sum(params.values())
-    nbytes["total"] = sum(nbytes.values())
-    return dict(params), dict(nbytes)
+__all__ = ["Size", "predict_bytes", "predict_size", "saved_tensors", "size_by_component", "size_of"]
 
 
 def _sum(tensors) -> Size:
@@ -93,8 +57,6 @@ def predict_size(model: nn.Module, plan: CompressionPlan, dense_layers: str = "a
     """Parameters and bytes of the checkpoint `plan` would produce from `model` (not changed); layers
     written as the family's own dense MLP (`surgery.dense`, `dense_layers` as for `apply_plan`) count
     its full width, zero rows included."""
-    from moepress.surgery.dense import dense_layer_ids
-
     adapter = get_adapter(model)
     plan.validate_for(model, adapter)
     total = size_of(model)

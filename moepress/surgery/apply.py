@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from moepress.errors import MoepressError
-from moepress.io.sizes import size_by_component
+from moepress.model_size import size_by_component
 from moepress.models import Adapter, MoEBlock, get_adapter
 from moepress.modules.compressed import (
     STRUCTURE_VERSION,
