@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from moepress.calibrate.runner import LayerInputs, capture_inputs, run_layer
+from moepress.calibrate.stats import LayerStats
 from moepress.methods.simulate import forward_replaced
 from moepress.models.base import Adapter, MoEBlock
 
@@ -58,13 +59,9 @@ class RoutingMass:
         self.count.index_add_(0, index, torch.ones(index.shape, dtype=torch.float64))
         self.tokens += route.index.shape[0]
 
-    @property
-    def mean_weight_all_tokens(self) -> torch.Tensor:
-        return self.weight_sum / max(self.tokens, 1)
-
-    @property
-    def mean_weight_routed_tokens(self) -> torch.Tensor:
-        return self.weight_sum / self.count.clamp(min=1)
+    # CD-MoE's fixed weights from these sums: the full statistics' own quotients, not a second copy
+    mean_weight_all_tokens = LayerStats.mean_weight_all_tokens
+    mean_weight_routed_tokens = LayerStats.mean_weight_routed_tokens
 
 
 class DocumentRouting:
