@@ -11,14 +11,23 @@ By default `mone` computes what the paper's reference code computes (github.com/
 1. Routing score r (EP L507-542, gate hook): the post-top-k gate weight each token gives the expert
    (0 where it is not routed), averaged over ALL tokens: `LayerStats.mean_weight_all_tokens`.
    (The reference divides by #sequences for DeepSeek, #tokens for OLMoE: one constant per layer,
-   and the same for every layer, so no ranking changes.)
+   and the same for every layer, so no ranking changes.) The weights are the ones the model applies
+   (`MoEBlock.route`: renormalised when the config's `norm_topk_prob` is true). The reference's OLMoE
+   gate hook recomputes them from the router logits as softmax then top-k and never renormalises, even
+   when `norm_topk_prob` is true; the two agree where it is false (OLMoE-1B-7B, the bundled
+   olmoe-mini) and differ, by a per-token factor, where it is true.
 2. Output fluctuation o (EP L457-503 expert hook, reduced at EP L606): per hidden dimension, the
    variance of the expert's UNWEIGHTED output over the tokens routed to it; o = ‖sqrt(var)‖₂ =
    sqrt(Σ_d var_d) = sqrt(trace Cov). From `LayerStats.out_m2 / count`; 0 for a never-routed expert.
-   The one known numeric difference: the reference's running update (EP L475-480) skips the variance
-   contribution of the first batch that reaches each expert and takes deviations from the running
-   mean (roughly a sample variance); ours is the exact population variance, accumulated in float64.
-   Over 10^5 calibration tokens that is a relative change of order 1/(tokens per expert): negligible.
+   Ours is the exact population variance, accumulated in float64 (Chan's merge). The reference's
+   running update (EP L475-480) differs from it in two ways: it skips each expert's first batch
+   (`if num_tokens > 0`: the first batch's deviations are never added), and it measures each later
+   batch's deviations from the running mean at that time (already updated with that batch), never
+   correcting the earlier batches' sums when the mean moves. For 2 tokens in 2 batches it gets
+   (y2−y1)²/8 where the population variance is (y2−y1)²/4. The shortfall is of order the expert's
+   first-batch share of its tokens, not 1/(tokens per expert): small for an expert that gets tokens
+   in every batch, 7–36% low for rare OLMoE experts. In the ranking it flips at most one near-tied
+   pair at the keep/prune boundary per layer, in 1–2 layers.
 3. Fusion (EP L602-607): metric = (a·o)·((1−a)·r) with a = `fusion_weight` = 0.5. No normalisation:
    a only scales, so experts rank by r · sqrt(trace Cov); higher = more important. The plan's scores
    are these metric values.
