@@ -56,3 +56,40 @@ def write_remote_code_model(out_dir, modeling_dir, seed: int = 0) -> None:
     )
     randomize_routers(model, seed)
     model.save_pretrained(out_dir)
+
+
+def write_tiny_fp8_model(out_dir, family: str = "deepseek_v3", block: tuple[int, int] = (16, 16), seed: int = 0):
+    """Write a tiny random `family` checkpoint in block-scaled FP8 (DeepSeek-V3's published layout:
+    every linear weight but the router, embeddings and lm_head as float8_e4m3fn + `weight_scale_inv`),
+    with the demo grammar's word tokenizer (the vocabulary sized to it). Returns the float model whose
+    weights were quantised."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from moepress.demo.grammar import word_tokenizer
+    from moepress.quant.block_fp8 import BlockFP8
+
+    out_dir = Path(out_dir)
+    tokenizer = word_tokenizer()
+    model = tiny_model(family, seed=seed, vocab_size=len(tokenizer)).to(torch.bfloat16)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
+    scheme = BlockFP8(qc)
+    state = load_file(out_dir / "model.safetensors")
+    stored = {}
+    for name, tensor in state.items():
+        if tensor.dim() == 2 and name.endswith("proj.weight") and "embed" not in name:
+            stored.update(scheme.quantize(name, tensor))
+        elif name.endswith("e_score_correction_bias"):  # float32 in DeepSeek-V3's published shards
+            stored[name] = model.get_parameter(name).float() if name in dict(model.named_parameters()) \
+                else model.get_buffer(name).float()
+        else:
+            stored[name] = tensor
+    save_file(stored, out_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out_dir / "config.json").read_text())
+    config["quantization_config"] = qc
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return model

@@ -60,6 +60,11 @@ class LazyCheckpoint:
                 "checkpoint (load it and save_pretrained) or run without --stream"
             )
         self.weight_map = weight_map
+        from moepress.quant import folder_scheme
+
+        # a quantised checkpoint (FP8, MXFP4, ...): its weights are read dequantised, one at a time
+        self.scheme = folder_scheme(self.folder)
+        self.quantized = self.scheme.logical_names(weight_map) if self.scheme is not None else {}
         self._stack = ExitStack()
         self._handles: dict[str, object] = {}
         # the model whose transformers weight conversions rename checkpoint keys (set by `Streamer`)
@@ -71,9 +76,12 @@ class LazyCheckpoint:
         return self._handles[shard]
 
     def __contains__(self, key: str) -> bool:
-        return key in self.weight_map
+        return key in self.weight_map or key in self.quantized
 
     def get(self, key: str) -> torch.Tensor:
+        if key in self.quantized:
+            stored = {name: self._file(self.weight_map[name]).get_tensor(name) for name in self.quantized[key]}
+            return self.scheme.dequantize(key, stored, torch.float32)
         return self._file(self.weight_map[key]).get_tensor(key)
 
     def close(self) -> None:

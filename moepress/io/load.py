@@ -124,8 +124,26 @@ def load_native(folder: Path, kwargs: dict) -> nn.Module:
         raise MoepressError(f"{folder}: {e}") from None
     base = resolve_base_class(structure, folder)
     model = native_class(base).from_pretrained(folder, config=config, **kwargs)
-    approximate.load_native(model, structure, reader, reader.names())
+    approximate.load_native(model, structure, _dequantizing(reader, folder), reader.names())
     return model
+
+
+def _dequantizing(read, folder: Path):
+    """`read` (stored tensors by name), giving quantised weights (an FP8 output's retained experts)
+    dequantised with their scales."""
+    from moepress.quant import folder_scheme
+
+    scheme = folder_scheme(folder)
+    if scheme is None:
+        return read
+    quantized = scheme.logical_names(read.names())
+
+    def dequantized(name: str) -> torch.Tensor:
+        if name not in quantized:
+            return read(name)
+        return scheme.dequantize(name, {s: read(s) for s in quantized[name]}, torch.float32)
+
+    return dequantized
 
 
 def resolve_base_class(structure: dict, folder: Path) -> type:
@@ -175,6 +193,9 @@ def load(
 
         check_model_type(raw["model_type"])  # compressed from a family of a later transformers
     kwargs = {} if dtype is None else {"dtype": dtype}
+    from moepress.quant.requantize import load_kwargs
+
+    kwargs.update(load_kwargs(folder))  # an output kept in its input's FP8 / MXFP4 format: dequantised
     structure = raw.get("moepress_structure")
     if raw.get("approximate_experts") and structure is None and not remote:
         model = load_native(folder, kwargs)

@@ -33,3 +33,8 @@ class Manifest(BaseModel):
     # condensed or dropped layers written as the family's own dense MLP (zero-padded), and the bytes
     # of zeros that costs (`surgery.dense`); None: no such layer
     dense_layers: dict[str, Any] | None = None
+    # an input in a quantised format (FP8, MXFP4, ...) and an output kept in it (`moepress.quant`): what was
+    # copied with its scales, quantised anew or left in float, and the weight shards' bytes as stored
+    quantization: dict[str, Any] | None = None
+    stored_bytes_before: int | None = None
+    stored_bytes_after: int | None = None

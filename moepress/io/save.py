@@ -256,6 +256,9 @@ def save_compressed(
     out = check_output(out, overwrite, inputs=(source,) if source else ())
     structure = getattr(model.config, "moepress_structure", None)
     remote = _remote_base(model)
+    from moepress.quant import folder_scheme
+
+    scheme = folder_scheme(source) if source is not None else None
 
     native = novice_format == "native" and not remote and native_structure(model, structure)
 
@@ -278,7 +281,51 @@ def save_compressed(
             _write_folder(model, plan, tmp, source, max_shard_size, native=False)
             if verify:
                 verify_checkpoint(model, tmp, plain=structure is None and not remote, trust_remote_code=remote)
+        if scheme is not None:  # the input's quantised format, checked against the model it stores
+            keep_input_format(model, tmp, source, scheme, plain=structure is None and not native and not remote,
+                              trust_remote_code=remote, verify=verify)
     return out
+
+
+def keep_input_format(model: nn.Module, tmp: Path, source: Path, scheme, plain: bool, trust_remote_code: bool,
+                      verify: bool) -> None:
+    """Rewrite the float folder `tmp` in the quantised format of its input `source` (sliced weights copied
+    with their scales, new ones quantised), record it in the manifest, and check the result still
+    reproduces `model` within the format's rounding."""
+    report = requantize_output(tmp, source, scheme)
+    if verify:
+        # copied weights are exact; new ones carry the scheme's rounding
+        verify_checkpoint(model, tmp, plain=plain, trust_remote_code=trust_remote_code,
+                          tolerance=0.0 if not report.quantized else 0.25)
+
+
+def requantize_output(tmp: Path, source: Path, scheme):
+    """`requantize_folder` and its record in the manifest: what was copied, quantised or left in float, and
+    the weight shards' bytes as stored before and after."""
+    from moepress.quant.requantize import requantize_folder
+
+    report = requantize_folder(tmp, source, scheme)
+    manifest = json.loads((tmp / MANIFEST_FILE).read_text())
+    manifest["quantization"] = report.as_dict()
+    manifest["stored_bytes_before"] = _stored_bytes(source)
+    manifest["stored_bytes_after"] = _stored_bytes(tmp)
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    return report
+
+
+def _float_config(path: Path) -> None:
+    """The weights are written in float: a quantised input's `quantization_config` (which the loaded model's
+    config keeps) would make loaders look for scales (`keep_input_format` writes the output's own)."""
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _stored_bytes(folder: Path) -> int:
+    """Bytes of a folder's weight shards on disk, as stored (quantised tensors and their scales)."""
+    index = folder / "model.safetensors.index.json"
+    names = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
 
 
 def _write_folder(
@@ -351,6 +398,7 @@ def finish_folder(
             if (source / name).is_file():
                 shutil.copyfile(source / name, tmp / name)
     plan.save(tmp / PLAN_FILE)
+    _float_config(tmp / "config.json")
     params, nbytes = size_by_component(model, record.adapter)
     manifest = Manifest(
         moepress_version=moepress_version(),
@@ -427,7 +475,9 @@ def probe_ids(vocab_size: int, n: int = 12) -> torch.Tensor:
     return torch.linspace(0, vocab_size - 1, n).long()[None]
 
 
-def verify_checkpoint(model: nn.Module, folder: Path, plain: bool, trust_remote_code: bool = False) -> None:
+def verify_checkpoint(
+    model: nn.Module, folder: Path, plain: bool, trust_remote_code: bool = False, tolerance: float | None = None
+) -> None:
     """Reload `folder` and compare its logits with `model`'s; raise if the folder does not reproduce it.
 
     A plain folder is reloaded with plain `AutoModelForCausalLM` (no custom code), which is the
@@ -437,7 +487,10 @@ def verify_checkpoint(model: nn.Module, folder: Path, plain: bool, trust_remote_
 
     p = next(model.parameters())
     if plain:
-        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=p.dtype).to(p.device).eval()
+        from moepress.quant.requantize import load_kwargs
+
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=p.dtype, **load_kwargs(folder))
+        reloaded = reloaded.to(p.device).eval()
     else:
         reloaded = load(folder, dtype=p.dtype, device=p.device, trust_remote_code=trust_remote_code)
     ids = probe_ids(model.config.get_text_config().vocab_size).to(p.device)  # a VLM wrapper's is its text config's
@@ -447,7 +500,7 @@ def verify_checkpoint(model: nn.Module, folder: Path, plain: bool, trust_remote_
         want = model(ids).logits.float()
         got = reloaded(ids).logits.float()
     model.train(was_training)
-    tol = 1e-5 if p.dtype == torch.float32 else 1e-2
+    tol = (1e-5 if p.dtype == torch.float32 else 1e-2) + (tolerance or 0.0)
     diff = (want - got).abs().max().item()
     if not diff <= tol * max(1.0, want.abs().max().item()):
         raise RuntimeError(f"the written checkpoint does not reproduce the model (max logit difference {diff:.3g})")

@@ -24,7 +24,7 @@ from transformers.modeling_utils import revert_weight_conversion
 from moepress.atomic import atomic_dir, check_output
 from moepress.calibrate.streaming import Streamer, release
 from moepress.errors import MoepressError
-from moepress.io.save import finish_folder, native_candidate, native_layer
+from moepress.io.save import finish_folder, native_candidate, native_layer, requantize_output
 from moepress.modules import approximate
 from moepress.plan import CompressionPlan
 from moepress.surgery.apply import (
@@ -102,6 +102,8 @@ def save_compressed_streaming(
             index = {"metadata": {"total_size": sizes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             _check_keys(model, weight_map, tied=set(rest_all) - set(_untied(rest_all)), native=native)
+            if streamer.ckpt.scheme is not None:  # the input's FP8 / MXFP4 format: sliced weights copied as stored
+                requantize_output(tmp, source, streamer.ckpt.scheme)
     finally:
         streamer.close()
     return out

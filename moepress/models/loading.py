@@ -65,6 +65,9 @@ def check_checkpoint(path: str | Path, allow_pickle: bool = False) -> Path:
         json.loads((folder / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise MoepressError(f"{folder}/config.json is not valid JSON; restore it from the source") from None
+    from moepress.quant import folder_scheme
+
+    folder_scheme(folder)  # a quantisation format moepress cannot read: one line, before anything loads
     shards = sorted(folder.glob("*.safetensors"))
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -141,6 +144,10 @@ def load_model(
     except OSError:
         raise MoepressError(f"cannot find model {path} locally and the hub is unreachable") from None
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if local:  # FP8 / MXFP4 / compressed-tensors: calibrate and search on the weights dequantised on load
+        from moepress.quant.requantize import load_kwargs
+
+        kwargs.update(load_kwargs(path))
     if allow_pickle:
         # a pickle can run code when unpickled; weights_only restricts it to tensors and plain containers
         kwargs.update(use_safetensors=None, weights_only=True)
