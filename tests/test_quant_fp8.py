@@ -110,6 +110,7 @@ def test_compressed_fp8_output_keeps_the_input_format(fp8, text, tmp_path, metho
     manifest = json.loads((out / "moepress_manifest.json").read_text())
     assert manifest["quantization"]["scheme"] == "block-fp8" and not manifest["quantization"]["quantized"]
     assert manifest["stored_bytes_after"] < manifest["stored_bytes_before"]
+    assert "block-fp8" in (out / "README.md").read_text()  # the model card says how it is stored
     # logits: dequantise → compress (the same plan) equals the output read back dequantised
     reference = AutoModelForCausalLM.from_pretrained(fp8, dtype=torch.float32, **load_kwargs(fp8)).eval()
     plan.model_fingerprint = None  # a streamed skeleton keeps the router in float32: another fingerprint

@@ -162,6 +162,17 @@ def size_section(manifest: Manifest) -> str:
             f"| {name} | {pb.get(c, 0):,} | {pa.get(c, 0):,} | {bb.get(c, 0):,} | {ba.get(c, 0):,} "
             f"| {_pct(ba.get(c, 0), bb.get(c, 0))} |"
         )
+    q = manifest.quantization
+    before, after = manifest.stored_bytes_before, manifest.stored_bytes_after
+    if q and before and after:
+        lines += [
+            "",
+            f"The input is quantised ({q['scheme']}) and so is this output: the table counts the weights in "
+            f"float; as stored, with their scales, the weight files go from {_size(before)} "
+            f"to **{_size(after)}** ({_pct(after, before)}). "
+            f"{q['copied']} weights were copied from the input as stored, {len(q['quantized'])} new ones quantised "
+            f"in {q['scheme']}, {len(q['unquantized'])} left in float.",
+        ]
     return "\n".join(lines)
 
 

@@ -310,6 +310,7 @@ def requantize_output(tmp: Path, source: Path, scheme):
     manifest["stored_bytes_before"] = _stored_bytes(source)
     manifest["stored_bytes_after"] = _stored_bytes(tmp)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    write_model_card(tmp, source)  # with the stored bytes
     return report
 
 
