@@ -65,8 +65,14 @@ class Prune(BaseModel):
     Each id in `novices` stays in the router; its expert is replaced by a constant output vector
     (the plan's tensor `layers.{i}.novices.{e}`) scaled by the router weight the token gives it.
 
-    Each key of `merges` is a kept expert whose router row stays and whose weights become the merge
-    of its `Merge.members` (expert merging: HC-SMoE, M-SMoE, REAM); the other members leave the router.
+    Each key of `merges` is a kept expert whose weights become the merge of its `Merge.members`
+    (expert merging: HC-SMoE, M-SMoE, REAM). `router_rows` says what happens to the router:
+    - "kept": only the kept experts' rows stay (a merge keeps its representative's row; the other
+      members leave the router), so the layer routes over len(keep_experts) rows;
+    - "all": every one of the E rows stays and each expert id routes to the expert that holds it
+      (`expert_map`: a merge's members to the merged expert, a kept expert to itself), as the
+      references compute it: top-k over all E logits, the weights of members of one merge adding up
+      on the merged expert. Only the kept experts' weights are stored (E' of them, once).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -74,6 +80,7 @@ class Prune(BaseModel):
     keep_experts: list[int]
     novices: list[int] = Field(default_factory=list)
     merges: dict[int, Merge] = Field(default_factory=dict)
+    router_rows: Literal["kept", "all"] = "kept"
 
     @field_validator("merges", mode="before")
     @classmethod
@@ -101,7 +108,21 @@ class Prune(BaseModel):
                 raise ValueError(f"experts {sorted(seen & set(merge.members))} are members of two merges")
             seen |= set(merge.members)
         self.merges = dict(sorted(self.merges.items()))
+        if self.router_rows == "all" and self.novices:
+            raise ValueError("router_rows='all' routes every expert id to a kept expert; it takes no novices")
         return self
+
+    def expert_map(self, n_experts: int) -> list[int]:
+        """router_rows='all': for each of the layer's `n_experts` expert ids, the index (among
+        `keep_experts`, ascending) of the stored expert it routes to. Raises ValueError when an id is
+        neither kept nor a member of a merge (it would route nowhere)."""
+        slot = {e: s for s, e in enumerate(self.keep_experts)}
+        for rep, merge in self.merges.items():
+            slot.update(dict.fromkeys(merge.members, slot[rep]))
+        missing = [e for e in range(n_experts) if e not in slot]
+        if missing:
+            raise ValueError(f"experts {missing} are neither kept nor merged, so router_rows='all' routes them nowhere")
+        return [slot[e] for e in range(n_experts)]
 
 
 class Condense(BaseModel):
@@ -268,6 +289,11 @@ class CompressionPlan(BaseModel):
                 raise MoepressError(
                     f"plan: layer {i} names experts {bad} out of range 0..{block.num_experts - 1}; {FIX_PLAN}"
                 )
+            if isinstance(a, Prune) and a.router_rows == "all":
+                try:
+                    a.expert_map(block.num_experts)
+                except ValueError as err:
+                    raise MoepressError(f"plan: layer {i}: {err}; {FIX_PLAN}") from None
             if isinstance(a, Prune):
                 n_active = len(a.keep_experts) + len(a.novices)
                 if n_active < block.top_k:

@@ -139,8 +139,10 @@ def test_hc_smoe_clusters_duplicated_experts_together():
 @pytest.mark.parametrize("method", MERGING)
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_plan_keeps_the_ratio_predicts_the_bytes_and_reloads_plainly(method, family, tmp_path):
+    """`router=representative`: the output is the source architecture (the default, all router rows
+    kept, is tested in test_merge_routing.py)."""
     model, blocks, result = calibrated(family)
-    plan = merge_plan(method, model, blocks, result)
+    plan = merge_plan(method, model, blocks, result, router="representative")
     plan.validate_for(model)
     for i, action in plan.layers.items():
         assert isinstance(action, Prune) and len(action.keep_experts) == 6 and not action.novices
@@ -217,7 +219,8 @@ def test_compress_writes_a_plain_checkpoint_equal_to_the_applied_plan(family, ca
     for method in MERGING:
         out = tmp_path / method
         result = runner.invoke(app, ["compress", str(source), "--method", method, "--ratio", "0.25", "--data",
-                                     str(calib_text), "-n", "2", "--seq-len", "32", "-o", str(out)])
+                                     str(calib_text), "-n", "2", "--seq-len", "32", "-o", str(out),
+                                     "--hp", "router=representative"])
         assert result.exit_code == 0, result.output
         plain = AutoModelForCausalLM.from_pretrained(out)
         applied = apply_plan(AutoModelForCausalLM.from_pretrained(source), CompressionPlan.load(
@@ -232,8 +235,9 @@ def test_compress_writes_a_plain_checkpoint_equal_to_the_applied_plan(family, ca
 
 
 # ---- the streamed writer ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("router", ["all-rows", "representative"])
 @pytest.mark.parametrize("family", ["deepseek_v2", "mixtral"])
-def test_streamed_merge_equals_in_memory(family, tmp_path):
+def test_streamed_merge_equals_in_memory(family, router, tmp_path):
     """`apply --stream` (one decoder layer at a time) writes bit for bit what the in-memory path writes."""
     from moepress.io.stream_save import save_compressed_streaming
 
@@ -242,7 +246,7 @@ def test_streamed_merge_equals_in_memory(family, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
     result = calibrate(model, IDS, batch_size=2, keep_moe_inputs=64)
     plan = get_method("m-smoe")(result.stats, 0.25, blocks=get_adapter(model).blocks(model),
-                                moe_inputs=result.moe_inputs)
+                                moe_inputs=result.moe_inputs, router=router)
     assert plan.tensors  # aligned members: permutations travel in the plan
     mem = save_compressed(apply_plan(model, plan), plan, tmp_path / "mem", source=src)
     streamed = save_compressed_streaming(src, plan, tmp_path / "stream", dtype=torch.bfloat16)

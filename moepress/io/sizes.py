@@ -95,6 +95,10 @@ def predict_size(model: nn.Module, plan: CompressionPlan, dense_layers: str = "a
             n = (2 if gate is None else 3) * rows * hidden + (hidden if shared_gate else 0)
             n += hidden if block.output_bias is not None and action.keep_shared else 0  # kept as down_proj's bias
             new = Size(n + norm.params, n * itemsize + norm.bytes)
+        elif isinstance(action, Prune) and action.router_rows == "all":  # the block less its unkept experts
+            gone = _sum(t for _, t in saved_tensors(block.experts.module))
+            kept = _kept_experts(block, action.keep_experts)
+            new = Size(old.params - gone.params + kept.params, old.bytes - gone.bytes + kept.bytes)
         elif isinstance(action, Condense):  # the family's experts class with the chosen experts (CondensedExperts)
             k = len(action.experts)
             kept = _kept_experts(block, action.experts)

@@ -56,6 +56,9 @@ class Selection:
     # merging methods: per layer, the merged experts (the representatives' router rows stay, the other
     # members' go: exactly `pruned[layer]`); singleton groups need no entry
     merges: dict[int, list[MergedExpert]] = field(default_factory=dict)
+    # merging methods: "all" keeps every router row, the pruned members routing to their merged expert
+    # (`Prune.router_rows`); "kept": only the kept experts' rows stay
+    router_rows: str = "kept"
 
 
 @dataclass
@@ -300,7 +303,8 @@ def to_plan(
             g.representative: Merge(members=g.members, coefficients=g.coefficients, aligned=sorted(g.permutations))
             for g in sel.merges.get(i, []) if len(g.members) > 1
         }
-        layers[i] = Prune(keep_experts=keep, novices=gone if sel.novices else [], merges=merges)
+        layers[i] = Prune(keep_experts=keep, novices=gone if sel.novices else [], merges=merges,
+                          router_rows=sel.router_rows)
     plan = CompressionPlan(
         method=method,
         hyperparameters=hyperparameters,

@@ -17,9 +17,12 @@ cluster into one expert.
    normalised over the cluster; equal shares for a cluster of never-routed experts). No neuron
    alignment, as the reference.
 4. Router: the reference keeps all E router rows and points every member at the merged weights, so
-   the checkpoint does not shrink its router and a token may pick the same merged expert twice.
-   moepress writes E' experts and E' router rows: the merged expert keeps the row of its most
-   frequently routed member (ties: lower id). Also tried: the frequency-weighted average of the
+   the checkpoint does not shrink its router and a token may pick the same merged expert twice (the
+   two weights add up on it). That is moepress's default, `router="all-rows"`: E router rows, E'
+   experts stored once, a map from router row to merged expert (moepress's own checkpoint format).
+   `router="representative"` writes E' experts and E' router rows: the merged expert keeps the row of
+   its most frequently routed member (ties: lower id), and the output is the source architecture.
+   Also tried: the frequency-weighted average of the
    members' rows (same coefficients as the weights). It was worse on both mini checkpoints tried
    (dev perplexity, 16 × 256 held-out tokens, calibration 16 × 256): olmoe-mini 111.6 vs 114.6 at
    ratio 0.25 and 173.6 vs 186.4 at 0.5 (original 83.2); qwen2moe-mini 93.0 vs 93.9 and 122.5 vs
@@ -41,6 +44,7 @@ from moepress.methods.merging import (
     SAMPLED_INPUTS,
     average_linkage,
     check_inputs,
+    check_router,
     cosine_distance,
     euclidean_distance,
     kept_count,
@@ -67,11 +71,13 @@ def hc_smoe(
     blocks: dict[int, MoEBlock] | None = None,
     moe_inputs: dict[int, torch.Tensor] | None = None,
     distance: Literal["cosine", "euclidean"] = "cosine",
+    router: Literal["all-rows", "representative"] = "all-rows",
 ) -> Selection:
     """Cluster each layer's experts by mean output (average linkage) into E·(1−ratio) merged experts."""
     if distance not in DISTANCES:
         raise MoepressError(f"distance must be one of {', '.join(DISTANCES)} (got {distance!r})")
     check_inputs("hc-smoe", stats, blocks, moe_inputs)
+    check_router("hc-smoe", router, blocks)
     groups, reps, merges, scores = {}, {}, {}, {}
     for i in progress(sorted(stats.layers), "hc-smoe: clustering experts"):
         s = stats[i]
@@ -84,4 +90,5 @@ def hc_smoe(
     return selection(
         groups, reps, merges, scores,
         score_name="access frequency (share of routed token slots): merge coefficient and representative choice",
+        router=router,
     )

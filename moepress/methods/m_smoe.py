@@ -15,8 +15,10 @@ of MC-SMoE, without its low-rank compression.
    `compute_switch_permutation_by_weight_matching` with `include_wo=True`, gate and up both counted
    for a gated MLP), solved exactly by the Hungarian algorithm (scipy's `linear_sum_assignment`, as
    the reference; a greedy matching would not recover an exactly permuted copy).
-4. Merge: frequency-weighted average of the aligned weights (`merge_by_groups_with_usage_weighted`);
-   the merged expert keeps the dominant expert's router row.
+4. Merge: frequency-weighted average of the aligned weights (`merge_by_groups_with_usage_weighted`).
+   Router (`router="all-rows"`, the default, as the reference): every member keeps its router row and
+   routes to the merged expert; `router="representative"`: the merged expert keeps the dominant
+   expert's row only.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from moepress.methods.base import Selection, floats, register_method
 from moepress.methods.merging import (
     SAMPLED_INPUTS,
     check_inputs,
+    check_router,
     cosine_distance,
     kept_count,
     match_neurons,
@@ -60,9 +63,11 @@ def m_smoe(
     blocks: dict[int, MoEBlock] | None = None,
     moe_inputs: dict[int, torch.Tensor] | None = None,
     align: bool = True,
+    router: str = "all-rows",
 ) -> Selection:
     """Merge each layer into its E·(1−ratio) most used experts, grouped by router-logit similarity."""
     check_inputs("m-smoe", stats, blocks, moe_inputs)
+    check_router("m-smoe", router, blocks)
     groups, reps, merges, scores = {}, {}, {}, {}
     for i in progress(sorted(stats.layers), "m-smoe: merging experts"):
         s = stats[i]
@@ -76,4 +81,5 @@ def m_smoe(
     return selection(
         groups, reps, merges, scores,
         score_name="access frequency (share of routed token slots): the most used experts are the centres",
+        router=router,
     )

@@ -4,8 +4,13 @@ and turning groups into a `Selection`.
 
 A merging method keeps E' = E − `experts_to_prune(E, top_k, ratio)` experts per layer: it splits the
 E experts into E' groups, and each group becomes one expert (the `MergedExpert` written by surgery,
-`moepress.surgery.merge`) that keeps the router row of its representative; the other members' rows
-go. Every layer keeps the same E', so the output is the source architecture with fewer experts.
+`moepress.surgery.merge`). The router (hyperparameter `router`, `ROUTER_MODES`):
+- "all-rows" (the default, as the three references compute): every one of the E router rows stays and
+  each member of a group routes to the group's merged expert (top-k over all E logits; members chosen
+  together add their weights on it). The checkpoint stores E' experts and E router rows in moepress's
+  own format (`Prune.router_rows="all"`).
+- "representative": only the representative's row stays, the other members' go; every layer keeps
+  the same E', so the output is the source architecture with fewer experts (plain transformers).
 """
 
 from __future__ import annotations
@@ -174,6 +179,23 @@ def merged_experts(
     return out
 
 
+ROUTER_MODES = ("all-rows", "representative")
+
+
+def check_router(name: str, router: str, blocks: dict[int, MoEBlock] | None = None) -> None:
+    """Refuse an unknown router mode, and "all-rows" on a block whose experts cannot be reached through
+    a map from router rows to merged experts (one line naming the other mode)."""
+    if router not in ROUTER_MODES:
+        raise MoepressError(f"{name}: router must be one of {', '.join(ROUTER_MODES)} (got {router!r})")
+    if router == "all-rows":
+        for i, block in sorted((blocks or {}).items()):
+            if block.mapping_refusal:
+                raise MoepressError(
+                    f"{name}: layer {i} cannot keep all router rows ({block.mapping_refusal}); "
+                    "use --hp router=representative"
+                )
+
+
 def selection(
     groups: dict[int, list[list[int]]],
     representatives: dict[int, list[int]],
@@ -181,8 +203,10 @@ def selection(
     scores: dict[int, list[float]],
     score_name: str,
     metadata: dict | None = None,
+    router: str = "all-rows",
 ) -> Selection:
-    """The Selection of a merging method: per layer, every non-representative member leaves the router."""
+    """The Selection of a merging method: per layer, every non-representative member's expert goes;
+    its router row goes too (`router="representative"`) or routes to the merged expert ("all-rows")."""
     pruned = {
         i: sorted(e for g in groups[i] for e in g if e not in set(representatives[i])) for i in sorted(groups)
     }
@@ -191,6 +215,7 @@ def selection(
         scores=scores,
         score_name=score_name,
         merges=merges,
+        router_rows="all" if router == "all-rows" else "kept",
         metadata={
             "groups": {str(i): [sorted(g) for g in groups[i]] for i in sorted(groups)},
             "representatives": {str(i): sorted(representatives[i]) for i in sorted(groups)},

@@ -25,8 +25,9 @@ Per MoE layer, from the reference's `ream/merger.py` and `ream/ream.py`:
    to the centre's first (Hungarian algorithm) on the cost "Euclidean distance between unit-normalised
    activation patterns over the sampled tokens + between unit-normalised weight rows (gate row, up
    row, down column)" — the reference's `logits+weights` merging, which first reduces the weight rows
-   by PCA (to 64 dimensions, for speed); moepress compares them whole. The merged expert keeps the
-   centre's router row.
+   by PCA (to 64 dimensions, for speed); moepress compares them whole.
+6. Router (`router="all-rows"`, the default, as the reference): every member keeps its router row and
+   routes to the merged expert; `router="representative"`: the merged expert keeps the centre's row.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from moepress.errors import MoepressError
 from moepress.methods.base import MergedExpert, ModelInputs, Selection, floats, register_method, to_plan
 from moepress.methods.merging import (
     SAMPLED_INPUTS,
+    check_router,
     cosine_distance,
     kept_count,
     match_neurons,
@@ -157,6 +159,7 @@ def ream(
     group_size: int = GROUP_SIZE,
     gate_similarity: bool = True,
     sequential: bool = True,
+    router: str = "all-rows",
 ) -> Selection:
     """Merge each layer into its E·(1−ratio) most salient experts, statistics re-collected layer by
     layer on the merged model (`sequential=False`: on the original model)."""
@@ -165,6 +168,7 @@ def ream(
     model = model_inputs.model
     adapter = get_adapter(model)
     layers = adapter.layers(model)
+    check_router("ream", router, {i: adapter.block(i, layers[i]) for i in stats.layers})
     home = model_device(model)
     device = torch.device(model_inputs.device) if model_inputs.device is not None else home
     inputs = capture_inputs(model, model_inputs.input_ids, model_inputs.batch_size, adapter, device)
@@ -199,23 +203,26 @@ def ream(
                                                              gate_similarity)
             scores[i], collected[i] = floats(sal), s.tokens
             if sequential:  # the next layer sees what the merged layer outputs
-                run_layer(merged_copy(model, layer, block, stats, i, groups, reps, merges), inputs, device,
-                          index=i)
+                run_layer(merged_copy(model, layer, block, stats, i, groups, reps, merges, router), inputs,
+                          device, index=i)
         finally:
             layers[i] = layer.to(home)
     return selection(
         groups, reps, merges, scores,
         score_name="REAP saliency (zeros raised to the least non-zero score): centres and merge coefficients",
         metadata={"sequential": sequential, "recollected_tokens": {str(i): n for i, n in collected.items()}},
+        router=router,
     )
 
 
-def merged_copy(model, layer, block: MoEBlock, stats: CalibrationStats, i: int, groups, reps, merges):
+def merged_copy(model, layer, block: MoEBlock, stats: CalibrationStats, i: int, groups, reps, merges,
+                router: str = "all-rows"):
     """A copy of decoder layer i with this layer's merge applied by the checkpoint's own surgery."""
     from moepress.surgery.apply import describe, rebuild_layer
 
     one = CalibrationStats(layers={i: stats[i]}, meta=stats.meta)
-    plan = to_plan("ream", one, selection({i: groups[i]}, {i: reps[i]}, {i: merges[i]}, {i: []}, ""), {})
+    chosen = selection({i: groups[i]}, {i: reps[i]}, {i: merges[i]}, {i: []}, "", router=router)
+    plan = to_plan("ream", one, chosen, {})
     structure = describe(model, plan, get_adapter(model), {i: block})
     copied = copy.deepcopy(layer)
     rebuild_layer(model.config, structure, copied, get_adapter(model).block(i, copied), plan, i)

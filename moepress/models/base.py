@@ -254,6 +254,19 @@ class MoEBlock:
     @property
     def supports_novices(self) -> bool:
         return not self.novice_refusal
+
+    @property
+    def mapping_refusal(self) -> str:
+        """Why this block cannot keep all its router rows over fewer stored experts (a merge whose
+        members all route to the merged expert, `Prune.router_rows="all"`); empty: it can. The map sits
+        between the router and the experts module, so the experts must be one module the block calls
+        as `experts(hidden_states, top_k_index, top_k_weights)`; a family whose block calls its experts
+        otherwise says why here (a class attribute of its block)."""
+        if self.expert_parts:
+            return "its experts are several modules run in sequence on rows sorted by router row"
+        if isinstance(self.experts.module, nn.ModuleList):
+            return "its experts are a list of modules the block indexes by router row"
+        return ""
     # router rows after the E routed experts' rows that score something else (Inkling's shared experts,
     # LongCat-Flash's identity experts): a pruned router must keep them, after the kept experts' rows
     extra_router_rows = 0
@@ -469,6 +482,13 @@ class MoEBlock:
             out = torch.zeros_like(x)
             for e, w in zip(action.experts, action.weights, strict=True):
                 out = out + w * self.expert(x, e)
+        elif kind == "prune" and getattr(action, "router_rows", "kept") == "all":
+            # every router row stays; each expert id reaches the kept expert that holds it
+            route = self.route(x)
+            kept = torch.as_tensor(action.keep_experts, device=route.index.device)
+            slots = torch.as_tensor(action.expert_map(self.num_experts), device=route.index.device)
+            route.index = kept[slots[route.index]]
+            out = self.routed_out(x, route, novices)
         else:
             active = None
             if kind == "prune":

@@ -51,6 +51,7 @@ class Llama4Block(MoEBlock):
     """Top-k on the logits, sigmoid weights, weights applied to each expert's input."""
 
     novice_refusal = "Llama-4's experts see weight·x, never the weight, so a constant output cannot be weighted"
+    mapping_refusal = "Llama-4's experts module runs every router row's expert on its own input slice"
 
     def route(self, x, active=None, logits=None) -> RouteResult:
         logits, ids, _ = self.active_logits(x, active, logits)

@@ -1,7 +1,8 @@
 """The modules a compressed checkpoint needs, and the code that rebuilds a model's changed layers.
 
 A compressed layer is one of: a pruned MoE block (fewer router rows and experts, maybe novice
-slots), a condensed block (one dense gated MLP) or a dropped block (residual only). Which layer is
+slots), a merged block that keeps every router row over fewer stored experts (`MappedExperts`), a
+condensed block (one dense gated MLP) or a dropped block (residual only). Which layer is
 which is `config.moepress_structure`; `apply_structure` turns a freshly built model of the source
 architecture into the compressed shapes, before the weights load.
 
@@ -126,6 +127,65 @@ class NoviceExperts(nn.Module):
         ).scatter_add_(1, index.masked_fill(~novice, 0), top_k_weights.float().masked_fill(~novice, 0))
         # `out` in the kept experts' own output shape (DBRX's experts return [B, S, H] or [N, 1, H])
         return out + (novice_weight @ self.novices.float()).to(out.dtype).reshape(out.shape)
+
+
+class MappedExperts(nn.Module):
+    """Routed experts of a merged layer whose router keeps all its rows (HC-SMoE, M-SMoE and REAM as
+    their references compute): `kept` is the family's own experts class holding the E' stored experts,
+    and `expert_map[e]` is the stored expert that router row e reaches (a merge's members all reach
+    the merged expert).
+
+    The router picks its top-k over all E rows and normalises as the family does; here each chosen row
+    becomes its stored expert, and where a token chose several rows of one stored expert their weights
+    add up on its first slot (Σ w·f(x) = (Σ w)·f(x)), the others going to the expert-parallel sentinel
+    at weight 0, as `NoviceExperts` sends novice slots: one expert GEMM per stored expert a token
+    reaches. Ids past the map (a router's extra rows, as LongCat-Flash's identity experts) move down to
+    follow the stored experts. The map is a plain list turned into an index tensor per device on first
+    use, not a buffer (see `NoviceExperts`).
+    """
+
+    def __init__(self, kept: nn.Module, expert_map: list[int]):
+        super().__init__()
+        self.kept = kept
+        self.expert_map = list(expert_map)
+        self.sentinel = kept.num_experts if hasattr(kept, "has_gate") else 0
+        kept._is_expert_parallel = True
+        self._maps: dict[torch.device, torch.Tensor] = {}
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        if device not in self._maps:
+            self._maps[device] = torch.tensor(self.expert_map, dtype=torch.long, device=device)
+        return self._maps[device]
+
+    def _sentinel(self) -> int:
+        if self.sentinel and _EAGER_REJECTS_SENTINEL:
+            implementation = getattr(getattr(self.kept, "config", None), "_experts_implementation", None)
+            if implementation in (None, "eager"):
+                return 0
+        return self.sentinel
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        if top_k_weights.shape != top_k_index.shape:
+            raise ValueError(
+                f"MappedExperts takes one weight per chosen expert (got weights {tuple(top_k_weights.shape)} "
+                f"for ids {tuple(top_k_index.shape)})"
+            )
+        table = self._table(top_k_index.device)
+        n_rows, n_kept = len(self.expert_map), self.kept.num_experts
+        mapped = table[top_k_index.clamp(max=n_rows - 1)]
+        index = torch.where(top_k_index < n_rows, mapped, top_k_index - n_rows + n_kept)
+        # slots of one stored expert: their weights add up on the first, the others carry nothing
+        same = (index[:, :, None] == index[:, None, :]) & (top_k_index < n_rows)[:, :, None]
+        earlier = same & torch.ones_like(same[0]).tril(-1)
+        repeat = earlier.any(dim=-1)
+        # summed at least in float32 and in the activations' precision when that is higher (float64), and
+        # passed on in the precision the experts would have multiplied them in
+        dtype = torch.promote_types(top_k_weights.dtype, hidden_states.dtype)
+        summed = (same.to(dtype) * top_k_weights.to(torch.promote_types(dtype, torch.float32))[:, None, :]).sum(-1)
+        weights = torch.where(same.sum(dim=-1) > 1, summed.to(dtype), top_k_weights.to(dtype))
+        return self.kept(hidden_states, index.masked_fill(repeat, self._sentinel()), weights.masked_fill(repeat, 0))
 
 
 class SplitNoviceExperts(nn.Module):
@@ -407,6 +467,12 @@ def _build_layer(config, structure: dict, layer: nn.Module, spec: dict) -> dict[
     if action != "prune":
         raise ValueError(f"moepress_structure: unknown action {action!r}")
     mlp = layer.get_submodule(mlp_path)
+    if "expert_map" in spec:  # every router row stays (the router is not rebuilt); E' stored experts
+        old = mlp.get_submodule(structure["experts"])
+        kept = type(old)(sized_config(config, structure["num_experts_key"], len(spec["experts"])))
+        if hasattr(old, "config"):
+            kept.config = old.config  # model.set_experts_implementation(...) still reaches it
+        return {module_path(mlp_path, structure["experts"]): MappedExperts(kept, spec["expert_map"])}
     active, novices = spec["experts"], set(spec["novices"])
     novice_slots = [s for s, e in enumerate(active) if e in novices]
     n_kept = len(active) - len(novice_slots)
@@ -489,5 +555,5 @@ def apply_structure(model: nn.Module, structure: dict) -> None:
         layer = layers[int(idx)]
         for path, module in build_layer(model.config, structure, layer, spec).items():
             layer.set_submodule(path, module)
-        if spec["action"] == "prune":
+        if spec["action"] == "prune" and "expert_map" not in spec:
             set_block_tensors(layer, structure, spec)

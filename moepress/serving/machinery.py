@@ -11,7 +11,9 @@ Layer kinds (from `config.moepress_structure`, or from `config.approximate_exper
 expert substitution):
 - moe: the family's block at `n_slots` router rows; novice slots (if any) are constant vectors, routed
   exactly as vLLM 0.33's `ConstantExpertSubstitution` does (routing over all rows as the family computes it,
-  no renormalisation; a route to a novice adds weight x vector and runs no expert GEMM);
+  no renormalisation; a route to a novice adds weight x vector and runs no expert GEMM); a merged layer that
+  keeps all its router rows (`expert_map`) routes over all rows as the family does and then sends each chosen
+  row to its stored expert, the weights of rows of one stored expert adding up on it (`MergedRoutes`);
 - condense: one dense gated MLP of the condensed width (+ Qwen2-MoE's shared-expert sigmoid gate on the
   shared rows);
 - drop: zero output, the decoder layer keeps its residual.
@@ -48,9 +50,13 @@ class LayerPlan:
     n_slots: int = 0  # router rows (moe)
     novices: tuple[int, ...] = ()  # novice slot ids, ascending (moe)
     spec: dict = field(default_factory=dict)  # the structure's entry (condense)
+    expert_map: tuple[int, ...] = ()  # router row -> stored expert, for a merge keeping every row (moe)
 
     @property
     def kept_slots(self) -> list[int]:
+        """The ids the stored experts go under in vLLM, in the order the checkpoint stores them."""
+        if self.expert_map:
+            return list(range(max(self.expert_map) + 1))
         novices = set(self.novices)
         return [s for s in range(self.n_slots) if s not in novices]
 
@@ -90,6 +96,11 @@ def _structure_plan(layer: int, spec: dict) -> LayerPlan:
         if not spec.get("gated", True) or spec.get("hidden_act") != "silu" or spec.get("output_bias"):
             raise MoepressError(f"layer {layer}: the plugin serves condensed layers of gated SiLU MLPs only: {spec}")
         return LayerPlan("condense", spec=spec)
+    if action == "prune" and "expert_map" in spec:
+        routes, n_stored = [int(p) for p in spec["expert_map"]], len(spec["experts"])
+        if sorted(set(routes)) != list(range(n_stored)):
+            raise MoepressError(f"layer {layer}: expert_map {routes} does not reach each of its {n_stored} experts")
+        return LayerPlan("moe", len(routes), expert_map=tuple(routes))
     if action == "prune" and not spec.get("block_tensors"):
         active, novices = spec["experts"], set(spec["novices"])
         if not novices <= set(active):
@@ -191,6 +202,57 @@ def novice_factory(real: Callable[..., nn.Module], plan: LayerPlan, layer: int) 
         kwargs["routed_experts_args"] = {**(kwargs.get("routed_experts_args") or {}), "expert_substitution": sub}
         n_kept = num_experts - len(plan.novices)
         return real(*args, num_experts=n_kept, hidden_size=hidden_size, params_dtype=params_dtype, **kwargs)
+
+    return factory
+
+
+# ---------------------------------------------------------------- merged experts behind all router rows
+
+
+class MergedRoutes(nn.Module):
+    """The map of one merged layer from router row to stored expert (`expert_map`), applied to the routes the
+    family's router chose over all its rows: each row becomes its stored expert, and where a token chose
+    several rows of one stored expert their weights add up on the first such slot (the others keep the id at
+    weight 0), which is what the same router would give with the members' experts all holding the merged
+    weights."""
+
+    def __init__(self, layer: int, expert_map: tuple[int, ...]):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("route_table", torch.tensor(expert_map, dtype=torch.int64), persistent=False)
+
+    def transform_routes(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        """Remap `topk_ids` to stored experts and merge the weights of repeated ones, in place."""
+        ids = self.route_table[topk_ids.long().clamp(0, self.route_table.numel() - 1)]
+        same = ids[:, :, None] == ids[:, None, :]
+        repeat = (same & torch.ones_like(same[0]).tril(-1)).any(dim=-1)
+        summed = (same.to(torch.float32) * topk_weights.float()[:, None, :]).sum(dim=-1)
+        merged = torch.where(same.sum(dim=-1) > 1, summed.to(topk_weights.dtype), topk_weights)
+        topk_weights.copy_(merged.masked_fill(repeat, 0.0))
+        topk_ids.copy_(ids.to(topk_ids.dtype))
+
+
+class MappedRoutedExperts(RoutedExperts):
+    """Routed experts holding a merged layer's stored experts, reached from every router row (`MergedRoutes`)."""
+
+    def __init__(self, *args: Any, merged_routes: MergedRoutes, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.merged_routes = merged_routes
+
+    def forward_modular(self, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+        self.merged_routes.transform_routes(topk_weights, topk_ids)
+        return super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)
+
+
+def mapped_factory(real: Callable[..., nn.Module], plan: LayerPlan, layer: int) -> Callable[..., nn.Module]:
+    """`FusedMoEFactory` for a merged layer keeping every router row: routes over `plan.n_slots` rows, allocates
+    the stored experts only."""
+
+    def factory(*args: Any, num_experts: int, **kwargs: Any) -> nn.Module:
+        routes = MergedRoutes(layer, plan.expert_map)
+        kwargs["routed_experts_cls"] = MappedRoutedExperts
+        kwargs["routed_experts_args"] = {**(kwargs.get("routed_experts_args") or {}), "merged_routes": routes}
+        return real(*args, num_experts=len(plan.kept_slots), **kwargs)
 
     return factory
 
@@ -372,7 +434,10 @@ class CompressedMoEModel(nn.Module):
             if plan.kind == "condense":
                 return CondensedMLP(config.hidden_size, plan.spec, kwargs["prefix"])
             real = getattr(family.module, family.factory)
-            factory = novice_factory(real, plan, layer) if plan.novices else real
+            if plan.expert_map:
+                factory = mapped_factory(real, plan, layer)
+            else:
+                factory = novice_factory(real, plan, layer) if plan.novices else real
             with swapped(family.module, family.factory, factory):
                 return family.sized_block(block, plan.n_slots, args, kwargs)
 

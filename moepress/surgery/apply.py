@@ -8,6 +8,9 @@ Per MoE layer:
   layer has novices), or, for ModuleList storage, the kept modules with a `ConstantExpert` per novice.
   With `merges`, each representative's weights are first overwritten by its merge
   (`surgery.merge`: coefficient-weighted sum of its members' neuron-aligned weights), in place.
+  With `router_rows="all"` the router (and any per-expert tensor of the block) stays as it is, all E
+  rows, and the experts become a `MappedExperts`: the kept experts behind the plan's map from router
+  row to kept expert, so routing is the family's own over all E rows.
 - `condense`: the whole block becomes one `CondensedMLP` (or `CondensedExperts`); a block whose shared
   output depends on routing (`condense_keeps_router`) stays, only its experts become `FixedWeightExperts`.
 - `drop`: the whole block becomes a `DroppedMLP` (residual only).
@@ -249,7 +252,14 @@ def describe(
             structure["returns_tuple"] = True
         if getattr(block, "post_norm", None) is not None:  # the block normalises its own output (A.X-K1)
             structure.setdefault("post_norm", _path_of(block.module, block.post_norm))
-        if isinstance(action, Prune):
+        if isinstance(action, Prune) and action.router_rows == "all":
+            spec = {
+                "action": "prune",
+                "experts": sorted(action.keep_experts),
+                "novices": [],
+                "expert_map": action.expert_map(block.num_experts),
+            }
+        elif isinstance(action, Prune):
             spec = {
                 "action": "prune",
                 "experts": sorted(action.keep_experts + action.novices),
@@ -352,6 +362,13 @@ def _path_of(root: nn.Module, target: nn.Module) -> str:
 def _check_fits(block: MoEBlock, action: LayerAction) -> None:
     """What `plan.validate_for` cannot know: the family's routing constraints and module shapes."""
     i, r = block.layer_idx, block.routing
+    if isinstance(action, Prune) and action.router_rows == "all":
+        if block.mapping_refusal:
+            raise MoepressError(
+                f"plan: layer {i} cannot keep all router rows over merged experts: {block.mapping_refusal}; "
+                "plan the merge with --hp router=representative"
+            )
+        return  # the router is not changed: nothing below applies
     if isinstance(action, Prune) and action.novices and not block.supports_novices:
         raise MoepressError(
             f"plan: layer {i} has no place for a novice (a constant output standing in for an expert): "
@@ -421,6 +438,9 @@ def _layer_state(
         return state | _post_norm_state(block, structure)
 
     write_merges(block.experts, action.merges, alignments or {}, block.layer_idx)
+    if action.router_rows == "all":  # the router stays; the kept experts go behind the map
+        experts = module_path(mlp, structure["experts"], "kept")
+        return {f"{experts}.{k}": t for k, t in _kept_experts_state(block, action.keep_experts).items()}
     n_experts = block.num_experts
     active = sorted(action.keep_experts + action.novices)
     router = module_path(mlp, structure["router"])

@@ -38,6 +38,8 @@ def uniform_expert_count(
         action = plan.action(i)
         if isinstance(action, Condense | Drop) or (isinstance(action, Prune) and action.novices):
             return None
+        if isinstance(action, Prune) and action.router_rows == "all":  # E router rows over E' experts
+            return None
         if isinstance(action, Prune):
             counts.add(len(action.keep_experts))
         else:

@@ -37,15 +37,16 @@ def permuted(weights: Triple, perm: torch.Tensor | None, columns_last: bool = Tr
 
 
 def _weighted_sum(parts: list[Triple], coefficients: list[float]) -> Triple:
-    """Σ_j c_j · parts[j], slot by slot, accumulated in float32 and returned in each slot's dtype."""
+    """Σ_j c_j · parts[j], slot by slot, accumulated in float32 (float64 for float64 weights) and returned
+    in each slot's dtype."""
     out = []
     for slot in zip(*parts, strict=True):
         if slot[0] is None:
             out.append(None)
             continue
-        acc = torch.zeros_like(slot[0], dtype=torch.float32)
+        acc = torch.zeros_like(slot[0], dtype=torch.promote_types(slot[0].dtype, torch.float32))
         for t, c in zip(slot, coefficients, strict=True):
-            acc.add_(t.float(), alpha=c)
+            acc.add_(t.to(acc.dtype), alpha=c)
         out.append(acc.to(slot[0].dtype))
     return tuple(out)  # type: ignore[return-value]
 

@@ -27,7 +27,9 @@ TINY = ("qwen3_moe", "mixtral")  # random models at sizes vLLM's CPU attention t
 # kind -> how to make it from a source folder
 KINDS = {
     "uniform-prune": lambda src, out: _compress(src, "frequency", out, ratio=0.25),
-    "merge": lambda src, out: _compress(src, "hc-smoe", out, ratio=0.25),
+    "merge": lambda src, out: _compress(src, "hc-smoe", out, ratio=0.25, hp={"router": "representative"}),
+    # every router row kept, each routing to its merged expert (hc-smoe's default): moepress's own format
+    "merge-all-rows": lambda src, out: _compress(src, "m-smoe", out, ratio=0.75),  # many rows per merged expert
     "mone": lambda src, out: _compress(src, "mone", out, ratio=0.25),
     "mone-native": lambda src, out: write_native(src, out),
     "zero-novice": lambda src, out: _compress(src, "mone-zero-novice", out, ratio=0.25),
