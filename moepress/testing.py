@@ -58,11 +58,12 @@ def write_remote_code_model(out_dir, modeling_dir, seed: int = 0) -> None:
     model.save_pretrained(out_dir)
 
 
-def write_tiny_fp8_model(out_dir, family: str = "deepseek_v3", block: tuple[int, int] = (16, 16), seed: int = 0):
+def write_tiny_fp8_model(out_dir, family: str = "deepseek_v3", block: tuple[int, int] = (16, 16), seed: int = 0,
+                         **overrides):
     """Write a tiny random `family` checkpoint in block-scaled FP8 (DeepSeek-V3's published layout:
     every linear weight but the router, embeddings and lm_head as float8_e4m3fn + `weight_scale_inv`),
     with the demo grammar's word tokenizer (the vocabulary sized to it). Returns the float model whose
-    weights were quantised."""
+    weights were quantised. `overrides` go to the tiny config (vLLM's CPU FP8 kernels need 128-multiples)."""
     import json
     from pathlib import Path
 
@@ -73,7 +74,7 @@ def write_tiny_fp8_model(out_dir, family: str = "deepseek_v3", block: tuple[int,
 
     out_dir = Path(out_dir)
     tokenizer = word_tokenizer()
-    model = tiny_model(family, seed=seed, vocab_size=len(tokenizer)).to(torch.bfloat16)
+    model = tiny_model(family, seed=seed, vocab_size=len(tokenizer), **overrides).to(torch.bfloat16)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}

@@ -158,32 +158,37 @@ def _as_stored(value: torch.Tensor, src: _Shards, name: str) -> torch.Tensor:
 
 
 def _encode(name, value, scheme, index, quantised_classes, src, report) -> dict[str, torch.Tensor] | None:
-    """The stored tensors of output weight `name` (None: stored as it is)."""
-    if pattern(name) not in quantised_classes:
+    """The stored tensors of output weight `name` (None: stored as it is). A weight equal to a source weight
+    is copied as stored under any name (moepress's own format stores a novice layer's retained experts as
+    `experts.kept.*`); one that equals none is quantised where the source quantised its name class."""
+    if value.dim() < 2 or not value.is_floating_point():
         return None
+    quantised_class = pattern(name) in quantised_classes
     targets = scheme.stored_names(name)
     if scheme.expert_axis is None:
         hit = index.get(_digest(value))
         if hit is not None:
             report.copied += 1
             return dict(zip(targets, (src.get(s) for s in scheme.stored_names(hit[0])), strict=True))
+        if not quantised_class:
+            return None
         report.quantized.append(name)
         return scheme.quantize(name, value)
     axis = scheme.expert_axis
+    hits = [index.get(_digest(part)) for part in value.unbind(axis)]
+    if not quantised_class and any(hit is None for hit in hits):
+        return None  # not all from the source, and nothing says the format covers this tensor
     parts: list[list[torch.Tensor]] = [[] for _ in targets]
-    fresh = False
-    for part in value.unbind(axis):
-        hit = index.get(_digest(part))
+    for part, hit in zip(value.unbind(axis), hits, strict=True):
         if hit is not None:
             report.copied += 1
             pieces = [src.get(s).select(axis, hit[1]) for s in scheme.stored_names(hit[0])]
         else:
-            fresh = True
             q = scheme.quantize(name, part.unsqueeze(axis))
             pieces = [q[t].select(axis, 0) for t in targets]
         for bucket, piece in zip(parts, pieces, strict=True):
             bucket.append(piece)
-    if fresh:
+    if any(hit is None for hit in hits):
         report.quantized.append(name)
     return {t: torch.stack(bucket, axis).contiguous() for t, bucket in zip(targets, parts, strict=True)}
 
