@@ -248,3 +248,16 @@ def test_all_rows_is_refused_where_the_block_cannot_map_and_bad_modes_are_named(
     with pytest.raises(MoepressError, match="cannot keep all router rows"):
         apply_plan(model, plan)
 
+
+
+def test_plan_diff_and_summary_name_the_router_mode():
+    from moepress.surgery import diff_plans
+    from moepress.surgery.diff import describe_action
+
+    merges = {5: Merge(members=[5, 6, 7], coefficients=[0.2, 0.3, 0.5])}
+    kept = CompressionPlan(method="t", layers={0: Prune(keep_experts=[0, 1, 2, 3, 4, 5], merges=merges)})
+    every = CompressionPlan(method="t", layers={0: Prune(keep_experts=[0, 1, 2, 3, 4, 5], merges=merges,
+                                                         router_rows="all")})
+    assert diff_plans(kept, every) == ["layer 0: router rows kept -> all"]
+    assert describe_action(every.layers[0]).endswith("1 merged, every router row kept)")
+    assert every.layers[0].expert_map(8) == [0, 1, 2, 3, 4, 5, 5, 5]

@@ -10,7 +10,8 @@ from moepress.plan import CompressionPlan, Condense, Keep, LayerAction, Prune
 def describe_action(action: LayerAction) -> str:
     if isinstance(action, Prune):
         merged = f", {len(action.merges)} merged" if action.merges else ""
-        return f"prune (keep {len(action.keep_experts)} experts, {len(action.novices)} novices{merged})"
+        rows = ", every router row kept" if action.router_rows == "all" else ""
+        return f"prune (keep {len(action.keep_experts)} experts, {len(action.novices)} novices{merged}{rows})"
     if isinstance(action, Condense):
         shared = " + shared" if action.keep_shared else ""
         return f"condense ({len(action.experts)} experts{shared})"
@@ -29,6 +30,8 @@ def diff_plans(a: CompressionPlan, b: CompressionPlan) -> list[str]:
         elif isinstance(x, Prune):
             lines += _sets(i, "kept experts", x.keep_experts, y.keep_experts)
             lines += _sets(i, "novices", x.novices, y.novices)
+            if x.router_rows != y.router_rows:
+                lines.append(f"layer {i}: router rows {x.router_rows} -> {y.router_rows}")
             va, vb = _novices(a, i), _novices(b, i)
             for e in sorted(set(x.novices) & set(y.novices)):
                 if e in va and e in vb and not torch.equal(va[e], vb[e]):
