@@ -285,3 +285,31 @@ def test_allocation_properties(case):
         else:
             assert kept[i] == mine
     assert sum(len(k) for k in kept.values()) == len(scores) * (experts - n) + extra
+
+
+def reference_running_variance(batches: list[torch.Tensor]) -> torch.Tensor:
+    """The reference's running per-dimension output variance of one expert (EP L475-480, `fusion`):
+    the first batch's deviations are never added, and each later batch's deviations are taken from
+    the running mean already updated with that batch."""
+    n, mean, var = 0, torch.zeros(batches[0].shape[-1], dtype=torch.float64), None
+    for out in batches:
+        m = out.shape[0]
+        mean = mean * (n / (n + m)) + out.sum(0) / (n + m)
+        if n > 0:
+            var = var * ((n - 1) / (n + m - 1)) + (out - mean).pow(2).sum(0) / (n + m)
+        else:
+            var = torch.zeros_like(mean)
+        n += m
+    return var
+
+
+def test_reference_running_variance_differs_as_docs_methods_says():
+    """docs/methods.md and mone.py: 2 tokens in 2 batches give (y2−y1)²/8 where the population variance
+    (moepress's, `LayerStats.out_m2 / count`) is (y2−y1)²/4; one batch gives 0."""
+    y1, y2 = torch.tensor([[1.0, -2.0]], dtype=torch.float64), torch.tensor([[3.0, 5.0]], dtype=torch.float64)
+    torch.testing.assert_close(reference_running_variance([y1, y2]), (y2 - y1)[0] ** 2 / 8)
+    torch.testing.assert_close(reference_running_variance([torch.cat([y1, y2])]), torch.zeros(2, dtype=torch.float64))
+    stats = LayerStats(0, num_experts=1, hidden_size=2, top_k=1)
+    for y in (y1, y2):
+        stats.add_expert(0, y, torch.ones(1, dtype=torch.float64))
+    torch.testing.assert_close(stats.out_m2[0] / stats.count[0], (y2 - y1)[0] ** 2 / 4)
