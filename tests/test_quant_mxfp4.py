@@ -234,3 +234,165 @@ def test_fp4_table_is_transformers():
     from transformers.integrations.mxfp4 import FP4_VALUES as REF
 
     assert [bits(torch.tensor(v)).item() for v in FP4_VALUES] == [bits(torch.tensor(v)).item() for v in REF]
+
+
+# -- end to end: a gpt-oss MXFP4 input compressed, the output kept in MXFP4 -------------------------------
+
+EXPERTS = ".mlp.experts."
+PROJ = ("gate_up_proj", "down_proj")
+
+
+def _stored(folder) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("model*.safetensors")):
+        with safe_open(f, "pt") as s:
+            out.update({k: s.get_tensor(k) for k in s.keys()})
+    return out
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for k, t in tensors.items() if EXPERTS in k)
+
+
+@pytest.fixture(scope="module")
+def mxfp4(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mxfp4") / "tiny-gpt-oss-mxfp4"
+    write_tiny_gpt_oss_mxfp4(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    from moepress.demo.grammar import corpus
+
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text(corpus(3000, seed=1))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
+
+
+def _compress(source, text, out, method, stream=False):
+    import moepress
+
+    return moepress.compress(source, method, out, data=text, ratio=0.25, n=4, seq_len=32, device="cpu",
+                             stream=stream)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_pruned_mxfp4_output_keeps_every_kept_expert_bit_for_bit(mxfp4, text, tmp_path, stream):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import moepress
+    from moepress.plan import CompressionPlan
+    from moepress.quant.requantize import load_kwargs
+    from moepress.surgery import apply_plan
+
+    out = _compress(mxfp4, text, tmp_path / "out", "frequency", stream)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == GPT_OSS_MXFP4_CONFIG and config["num_local_experts"] == 6
+    source, written = _stored(mxfp4), _stored(out)
+    plan = CompressionPlan.load(out / "moepress_plan.json")
+    for layer, entry in plan.layers.items():  # expert slices of the stored blocks and scales, renumbered
+        prefix = f"model.layers.{layer}.mlp.experts."
+        for proj in PROJ:
+            for suffix in ("_blocks", "_scales", "_bias"):
+                name = prefix + proj + suffix
+                assert _same_bits(written[name], source[name][entry.keep_experts]), name
+            assert prefix + proj not in written  # no float copy of an expert weight
+    for name, tensor in source.items():  # attention, norms, embeddings untouched; routers sliced
+        if EXPERTS in name:
+            continue
+        if ".mlp.router." in name:
+            tensor = tensor[plan.layers[int(name.split(".")[2])].keep_experts]
+        assert _same_bits(written[name], tensor), name
+    assert _nbytes(written) == _nbytes(source) * 6 // 8
+    manifest = json.loads((out / "moepress_manifest.json").read_text())
+    assert manifest["quantization"] == {"scheme": "mxfp4", "copied": 2 * 6 * len(plan.layers), "quantized": [],
+                                        "unquantized": []}
+    # logits: dequantise → prune (the same plan) equals the output read back dequantised
+    reference = AutoModelForCausalLM.from_pretrained(mxfp4, dtype=torch.float32, **load_kwargs(mxfp4)).eval()
+    if stream:  # a streamed plan's fingerprint is the streamer's config's, which keeps quantization_config
+        plan = plan.model_copy(update={"model_fingerprint": None})
+    reference = apply_plan(reference, plan)
+    loaded = moepress.load(out, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 12]])
+    with torch.no_grad():
+        assert torch.equal(reference(ids).logits, loaded(ids).logits)
+
+
+def test_new_experts_are_quantised_in_mxfp4(mxfp4, tmp_path):
+    """A merge creates an expert no source expert equals: its slice of the layer's blocks and scales is
+    quantised (as `MXFP4.quantize` writes it), the kept experts' slices are the source's."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from moepress.io import save_compressed
+    from moepress.plan import CompressionPlan, Prune
+    from moepress.quant.requantize import load_kwargs
+    from moepress.surgery import apply_plan
+
+    model = AutoModelForCausalLM.from_pretrained(mxfp4, dtype=torch.bfloat16, **load_kwargs(mxfp4)).eval()
+    plan = CompressionPlan(method="test-merge")
+    keep = [0, 1, 2, 3, 4, 5]
+    plan.layers = {1: Prune(keep_experts=keep)}
+    compressed = apply_plan(model, plan)
+    with torch.no_grad():
+        experts = compressed.model.layers[1].mlp.experts
+        experts.gate_up_proj[0] = (experts.gate_up_proj[0] + experts.gate_up_proj[1]) / 2
+    out = save_compressed(compressed, plan, tmp_path / "out", source=mxfp4)
+    source, written = _stored(mxfp4), _stored(out)
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    manifest = json.loads((out / "moepress_manifest.json").read_text())
+    assert manifest["quantization"]["quantized"] == [name]
+    want = scheme().quantize(name, experts.gate_up_proj[:1].detach())
+    for suffix in ("_blocks", "_scales"):
+        assert _same_bits(written[name + suffix][:1], want[name + suffix])
+        assert _same_bits(written[name + suffix][1:], source[name + suffix][keep[1:]])
+        down = "model.layers.1.mlp.experts.down_proj" + suffix
+        assert _same_bits(written[down], source[down][keep])
+    value = scheme().dequantize(name, written, torch.float32)[0]
+    merged = experts.gate_up_proj[0].float()
+    assert ((value - merged).norm() / merged.norm()) < 0.15
+
+
+def test_mone_mxfp4_output_keeps_the_kept_experts_in_mxfp4(mxfp4, text, tmp_path):
+    """mone writes gpt-oss in moepress's own format (`experts.kept.*` beside bf16 novice vectors): the
+    kept experts are still the source's MXFP4 slices, bit for bit, under their new names."""
+    from moepress.plan import CompressionPlan
+
+    out = _compress(mxfp4, text, tmp_path / "out", "mone")
+    source, written = _stored(mxfp4), _stored(out)
+    plan = CompressionPlan.load(out / "moepress_plan.json")
+    assert not [k for k in written if k.endswith(PROJ)], "expert weights written in float"
+    for layer, entry in plan.layers.items():
+        for proj in PROJ:
+            for suffix in ("_blocks", "_scales"):
+                layer_prefix, stored = f"model.layers.{layer}.", proj + suffix
+                got = [t for k, t in written.items() if k.startswith(layer_prefix) and k.endswith(stored)]
+                assert len(got) == 1
+                want = source[f"{layer_prefix}mlp.experts.{stored}"][entry.keep_experts]
+                assert _same_bits(got[0], want)
+    assert _nbytes(written) < _nbytes(source)
+    # read back dequantised: the kept experts are the source's dequantised slices
+    import moepress
+
+    loaded = moepress.load(out, dtype=torch.float32)
+    for layer, entry in plan.layers.items():
+        kept = loaded.model.layers[layer].mlp.experts.kept
+        for proj in PROJ:
+            name = f"model.layers.{layer}.mlp.experts.{proj}"
+            want = scheme().dequantize(name, source, torch.float32)[entry.keep_experts]
+            assert torch.equal(getattr(kept, proj), want)

@@ -16,20 +16,25 @@ GPT_OSS_MXFP4_CONFIG = {
 }
 
 
-def write_tiny_gpt_oss_mxfp4(out_dir, seed: int = 0, tokenizer: bool = False, **overrides):
+def write_tiny_gpt_oss_mxfp4(out_dir, seed: int = 0, tokenizer: bool = True, **overrides):
     """Write a tiny random gpt-oss checkpoint in gpt-oss's MXFP4 layout to `out_dir`: every layer's
     `mlp.experts.{gate_up,down}_proj` as `_blocks`/`_scales` (moepress's MXFP4 quantisation), every other
-    tensor bf16, `quantization_config` as gpt-oss publishes it. `tokenizer`: also write a byte-level
-    tokenizer (vocab 260). `overrides` go to the tiny config (hidden and intermediate sizes must stay
-    multiples of 32). Returns the bf16 model the checkpoint encodes (experts dequantised)."""
+    tensor bf16, `quantization_config` as gpt-oss publishes it. `tokenizer`: with the demo grammar's word
+    tokenizer (the vocabulary sized to it), which compressing needs. `overrides` go to the tiny config
+    (hidden and intermediate sizes must stay multiples of 32). Returns the bf16 model the checkpoint
+    encodes (experts dequantised)."""
     from safetensors.torch import load_file, save_file
 
     from moepress.models.tiny import tiny_model
     from moepress.quant.mxfp4 import MXFP4
 
     out_dir = Path(out_dir)
+    words = None
     if tokenizer:
-        overrides.setdefault("vocab_size", 260)
+        from moepress.demo.grammar import word_tokenizer
+
+        words = word_tokenizer()
+        overrides.setdefault("vocab_size", len(words))
     model = tiny_model("gpt_oss", seed=seed, **overrides).to(torch.bfloat16)
     scheme = MXFP4(GPT_OSS_MXFP4_CONFIG)
     stored: dict[str, torch.Tensor] = {}
@@ -50,8 +55,6 @@ def write_tiny_gpt_oss_mxfp4(out_dir, seed: int = 0, tokenizer: bool = False, **
     config = json.loads((out_dir / "config.json").read_text())
     config["quantization_config"] = dict(GPT_OSS_MXFP4_CONFIG)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer:
-        from moepress.pipeline import byte_tokenizer
-
-        byte_tokenizer().save_pretrained(out_dir)
+    if words is not None:
+        words.save_pretrained(out_dir)
     return model
