@@ -41,8 +41,9 @@ from moepress.calibrate.stats import CalibrationStats
 from moepress.errors import MoepressError
 from moepress.methods.base import Selection, floats, register_method
 from moepress.methods.merging import (
+    LINKAGES,
     SAMPLED_INPUTS,
-    average_linkage,
+    agglomerate,
     check_inputs,
     check_router,
     cosine_distance,
@@ -72,10 +73,16 @@ def hc_smoe(
     moe_inputs: dict[int, torch.Tensor] | None = None,
     distance: Literal["cosine", "euclidean"] = "cosine",
     router: Literal["all-rows", "representative"] = "all-rows",
+    linkage: Literal["average", "single", "complete"] = "average",
+    max_cluster_size: int = 0,
 ) -> Selection:
     """Cluster each layer's experts by mean output (average linkage) into E·(1−ratio) merged experts."""
     if distance not in DISTANCES:
         raise MoepressError(f"distance must be one of {', '.join(DISTANCES)} (got {distance!r})")
+    if linkage not in LINKAGES:
+        raise MoepressError(f"linkage must be one of {', '.join(LINKAGES)} (got {linkage!r})")
+    if isinstance(max_cluster_size, bool) or not isinstance(max_cluster_size, int) or max_cluster_size < 0:
+        raise MoepressError(f"max_cluster_size must be a non-negative integer, 0: no bound (got {max_cluster_size!r})")
     check_inputs("hc-smoe", stats, blocks, moe_inputs)
     check_router("hc-smoe", router, blocks)
     groups, reps, merges, scores = {}, {}, {}, {}
@@ -83,7 +90,7 @@ def hc_smoe(
         s = stats[i]
         n_keep = kept_count(s, ratio)
         features = mean_outputs(blocks[i], moe_inputs[i])
-        groups[i] = average_linkage(DISTANCES[distance](features), n_keep)
+        groups[i] = agglomerate(DISTANCES[distance](features), n_keep, linkage, max_cluster_size or None)
         reps[i] = [most_frequent(s.frequency, g) for g in groups[i]]
         merges[i] = merged_experts(groups[i], reps[i], s.frequency)
         scores[i] = floats(s.frequency)

@@ -96,26 +96,56 @@ def euclidean_distance(features: torch.Tensor) -> torch.Tensor:
 
 
 # ---- grouping ------------------------------------------------------------------------------------------
-def average_linkage(distance: torch.Tensor, n_clusters: int) -> list[list[int]]:
-    """Agglomerative clustering with average linkage (UPGMA): repeatedly join the two clusters of least
-    mean pairwise distance until `n_clusters` remain. Ties join the lowest (i, j) first; clusters come
-    back sorted by their smallest member, members ascending. O(E³) at worst: trivial for E ≤ 256."""
+LINKAGES = ("average", "single", "complete")
+
+
+def agglomerate(
+    distance: torch.Tensor, n_clusters: int, linkage: str = "average", max_size: int | None = None
+) -> list[list[int]]:
+    """Agglomerative clustering: repeatedly join the two clusters at least distance until `n_clusters`
+    remain, the distance between clusters being the mean (`average`, UPGMA), least (`single`) or
+    largest (`complete`) pairwise distance between their members (Lance–Williams updates; the joins
+    scipy's `cluster.hierarchy.linkage` makes). `max_size`: never join two clusters into more than
+    `max_size` members (raised by one whenever no pair fits, so the count is always reached). Ties
+    join the lowest (i, j) first; clusters come back sorted by their smallest member, members
+    ascending. O(E³) at worst: trivial for E ≤ 256."""
+    if linkage not in LINKAGES:
+        raise MoepressError(f"linkage must be one of {', '.join(LINKAGES)} (got {linkage!r})")
     n = distance.shape[0]
     d = distance.double().clone()
     d.fill_diagonal_(float("inf"))
     members: dict[int, list[int]] = {e: [e] for e in range(n)}
+    size = torch.ones(n, dtype=torch.long)
+    cap = max_size
     while len(members) > n_clusters:
-        flat = int(torch.argmin(d))  # first minimum in row-major order: deterministic ties
+        candidates = d
+        if cap is not None:
+            while True:
+                candidates = d.masked_fill(size[:, None] + size[None, :] > cap, float("inf"))
+                if torch.isfinite(candidates).any():
+                    break
+                cap += 1
+        flat = int(torch.argmin(candidates))  # first minimum in row-major order: deterministic ties
         i, j = sorted(divmod(flat, n))
         ni, nj = len(members[i]), len(members[j])
-        # Lance–Williams update for average linkage: the mean distance to the joined cluster
-        d[i] = (ni * d[i] + nj * d[j]) / (ni + nj)
+        if linkage == "average":  # the mean distance to the joined cluster
+            d[i] = (ni * d[i] + nj * d[j]) / (ni + nj)
+        elif linkage == "single":
+            d[i] = torch.minimum(d[i], d[j])
+        else:
+            d[i] = torch.maximum(d[i], d[j])
         d[:, i] = d[i]
         d[i, i] = float("inf")
         d[j] = float("inf")
         d[:, j] = float("inf")
         members[i] += members.pop(j)
+        size[i], size[j] = ni + nj, 0
     return sorted(sorted(m) for m in members.values())
+
+
+def average_linkage(distance: torch.Tensor, n_clusters: int) -> list[list[int]]:
+    """`agglomerate` with average linkage (UPGMA) and no size bound."""
+    return agglomerate(distance, n_clusters, "average")
 
 
 def nearest_centre(similarity: torch.Tensor, centres: Sequence[int]) -> list[list[int]]:
