@@ -322,7 +322,9 @@ def model_fingerprint(model) -> str:
     import hashlib
 
     cfg = model.config.to_dict()
-    keep = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("dtype", "torch_dtype")}
+    # not the storage: dtype, and the quantisation a model read dequantised no longer carries (a streamed one does)
+    skip = ("dtype", "torch_dtype", "quantization_config")
+    keep = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in skip}
     h = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode())
     with torch.no_grad():
         emb = model.get_input_embeddings().weight

@@ -398,11 +398,6 @@ def test_mone_mxfp4_output_keeps_the_kept_experts_in_mxfp4(mxfp4, text, tmp_path
             assert torch.equal(getattr(kept, proj), want)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "moepress/quant/requantize.py: a merged gpt-oss layer (moepress's own format, `experts.kept.*`) holds "
-    "experts no source expert equals, and `experts.kept.gate_up_proj` is not a name class the source "
-    "quantised, so the whole tensor is written bf16 (the output outgrows the MXFP4 input); remove this mark "
-    "once requantize treats `experts.kept.X` as `experts.X`"))
 def test_merged_mxfp4_output_stays_mxfp4(mxfp4, text, tmp_path):
     out = _compress(mxfp4, text, tmp_path / "out", "hc-smoe")
     source, written = _stored(mxfp4), _stored(out)

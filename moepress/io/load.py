@@ -41,8 +41,16 @@ def compressed_class(base: type, config_class: type) -> type:
         base.__init__(self, config, *args, **kwargs)
         apply_structure(self, config.moepress_structure)
 
-    attrs = {"__init__": __init__, "__module__": __name__, "config_class": config_class}
+    attrs = {"__init__": __init__, "__module__": __name__, "config_class": config_class,
+             "_can_set_experts_implementation": _experts_implementation_of(base)}
     return type(compressed_class_name(base.__name__), (base,), attrs)
+
+
+def _experts_implementation_of(base: type) -> classmethod:
+    """transformers lets a class pick its experts kernel (grouped_mm, ...) only if the source file of the
+    class's module uses `@use_experts_implementation`; a class built here lives in this module, so it asks
+    the family's class (else it falls back to the eager loop, which some families' novice routing breaks)."""
+    return classmethod(lambda cls: base._can_set_experts_implementation())
 
 
 @functools.cache
@@ -60,6 +68,7 @@ def native_class(base: type) -> type:
         # the family's own weight renames apply (transformers skips them for custom classes)
         "is_custom_code": classmethod(lambda cls: False),
         "__module__": __name__,
+        "_can_set_experts_implementation": _experts_implementation_of(base),
         "_keys_to_ignore_on_load_missing": IGNORED_MISSING,
         "_keys_to_ignore_on_load_unexpected": IGNORED_UNEXPECTED,
     }

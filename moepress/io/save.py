@@ -91,6 +91,10 @@ class {model_class}(_Base):
     def __init__(self, config):
         super().__init__(config)
         apply_structure(self, config.moepress_structure)
+
+    @classmethod
+    def _can_set_experts_implementation(cls):
+        return _Base._can_set_experts_implementation()  # transformers asks this file, which lacks the marker
 '''
 
 
@@ -117,6 +121,10 @@ class {model_class}(_Base):
     @classmethod
     def is_custom_code(cls):
         return False  # the family's own weight renames apply (transformers skips them for custom classes)
+
+    @classmethod
+    def _can_set_experts_implementation(cls):
+        return _Base._can_set_experts_implementation()  # transformers asks this file, which lacks the marker
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -236,6 +244,8 @@ def save_compressed(
     max_shard_size: int | str = "5GB",
     verify: bool = True,
     novice_format: str = "native",
+    quantize: str | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> Path:
     """Write `model` (compressed by `apply_plan(model, plan)`) to the folder `out` and return it.
 
@@ -244,7 +254,14 @@ def save_compressed(
     `verify` reloads the written folder and compares logits (needs memory for a second copy).
     `novice_format`: "native" writes novice-only outputs in vLLM's native format where the family
     allows (see the module docstring), "moepress" always in moepress's own.
+    `quantize` (a float input only): the verified folder rewritten as compressed-tensors `fp8`, `w4a16`, ...
+    (`moepress.quant.export`; `calibration`: token ids for the calibrated schemes), then verified again.
     """
+    if quantize is not None:
+        from moepress.quant.export import check_quantize
+
+        check_quantize(quantize, source if source is not None else getattr(getattr(model, "moepress_source", None),
+                                                                           "path", None))
     if novice_format not in ("native", "moepress"):
         raise MoepressError(f"novice_format is 'native' or 'moepress', not {novice_format!r}")
     record = getattr(model, "moepress_source", None)
@@ -284,6 +301,11 @@ def save_compressed(
         if scheme is not None:  # the input's quantised format, checked against the model it stores
             keep_input_format(model, tmp, source, scheme, plain=structure is None and not native and not remote,
                               trust_remote_code=remote, verify=verify)
+        if quantize is not None:  # --quantize: the float folder, verified, rewritten in compressed-tensors
+            from moepress.quant.export import quantize_output
+
+            quantize_output(model, tmp, source, quantize, plain=structure is None and not native and not remote,
+                            trust_remote_code=remote, verify=verify, calibration=calibration)
     return out
 
 
@@ -293,10 +315,10 @@ def keep_input_format(model: nn.Module, tmp: Path, source: Path, scheme, plain: 
     with their scales, new ones quantised), record it in the manifest, and check the result still
     reproduces `model` within the format's rounding."""
     report = requantize_output(tmp, source, scheme)
-    if verify:
-        # copied weights are exact; new ones carry the scheme's rounding
-        verify_checkpoint(model, tmp, plain=plain, trust_remote_code=trust_remote_code,
-                          tolerance=0.0 if not report.quantized else 0.25)
+    if verify and not report.quantized:  # every weight copied or left as written: exact
+        verify_checkpoint(model, tmp, plain=plain, trust_remote_code=trust_remote_code)
+    elif verify:  # new weights carry the format's rounding: each weight within it, the rest exact
+        verify_weights(model, tmp, plain=plain, trust_remote_code=trust_remote_code, tolerance=scheme.tolerance)
 
 
 def requantize_output(tmp: Path, source: Path, scheme):
@@ -476,14 +498,9 @@ def probe_ids(vocab_size: int, n: int = 12) -> torch.Tensor:
     return torch.linspace(0, vocab_size - 1, n).long()[None]
 
 
-def verify_checkpoint(
-    model: nn.Module, folder: Path, plain: bool, trust_remote_code: bool = False, tolerance: float | None = None
-) -> None:
-    """Reload `folder` and compare its logits with `model`'s; raise if the folder does not reproduce it.
-
-    A plain folder is reloaded with plain `AutoModelForCausalLM` (no custom code), which is the
-    promise such a folder makes; any other through `moepress.load`.
-    """
+def reload_checkpoint(model: nn.Module, folder: Path, plain: bool, trust_remote_code: bool = False) -> nn.Module:
+    """`folder` loaded as its format promises, in `model`'s dtype and device: a plain folder with plain
+    `AutoModelForCausalLM` (no custom code), any other through `moepress.load`."""
     from transformers import AutoModelForCausalLM
 
     p = next(model.parameters())
@@ -491,9 +508,14 @@ def verify_checkpoint(
         from moepress.quant.requantize import load_kwargs
 
         reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=p.dtype, **load_kwargs(folder))
-        reloaded = reloaded.to(p.device).eval()
-    else:
-        reloaded = load(folder, dtype=p.dtype, device=p.device, trust_remote_code=trust_remote_code)
+        return reloaded.to(p.device).eval()
+    return load(folder, dtype=p.dtype, device=p.device, trust_remote_code=trust_remote_code)
+
+
+def verify_checkpoint(model: nn.Module, folder: Path, plain: bool, trust_remote_code: bool = False) -> None:
+    """Reload `folder` and compare its logits with `model`'s; raise if the folder does not reproduce it."""
+    p = next(model.parameters())
+    reloaded = reload_checkpoint(model, folder, plain, trust_remote_code)
     ids = probe_ids(model.config.get_text_config().vocab_size).to(p.device)  # a VLM wrapper's is its text config's
     was_training = model.training
     model.eval()
@@ -501,7 +523,26 @@ def verify_checkpoint(
         want = model(ids).logits.float()
         got = reloaded(ids).logits.float()
     model.train(was_training)
-    tol = (1e-5 if p.dtype == torch.float32 else 1e-2) + (tolerance or 0.0)
+    tol = 1e-5 if p.dtype == torch.float32 else 1e-2
     diff = (want - got).abs().max().item()
     if not diff <= tol * max(1.0, want.abs().max().item()):
         raise RuntimeError(f"the written checkpoint does not reproduce the model (max logit difference {diff:.3g})")
+
+
+def verify_weights(model: nn.Module, folder: Path, plain: bool, trust_remote_code: bool, tolerance: float) -> None:
+    """Reload `folder` and compare every weight with `model`'s: a quantised output whose new weights carry
+    the format's rounding (relative error up to `tolerance`), everything else exact in the model's dtype."""
+    reloaded = reload_checkpoint(model, folder, plain, trust_remote_code).state_dict()
+    worst, where = 0.0, ""
+    for name, want in model.state_dict().items():
+        got = reloaded.get(name)
+        if got is None or got.shape != want.shape:
+            raise RuntimeError(f"the written checkpoint does not reproduce the model: {name} is missing or reshaped")
+        if not want.is_floating_point() or torch.equal(got, want):
+            continue
+        err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+        if err > worst:
+            worst, where = err, name
+    if worst > tolerance:
+        raise RuntimeError(f"the written checkpoint does not reproduce the model: {where} is off by {worst:.3g} "
+                           f"(relative), more than the format's {tolerance}")

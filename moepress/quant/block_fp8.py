@@ -18,6 +18,7 @@ FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 
 class BlockFP8(Scheme):
     name = "block-fp8"
+    tolerance = 0.08  # e4m3 keeps 3 mantissa bits: at most 1/16 relative per element
 
     def __init__(self, config: dict):
         super().__init__(config)

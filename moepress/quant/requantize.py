@@ -73,6 +73,15 @@ class _Shards:
             self._files[shard] = self._stack.enter_context(safe_open(self.folder / shard, "pt"))
         return self._files[shard].get_tensor(name)
 
+    def get_part(self, name: str, axis: int, index: int) -> torch.Tensor:
+        """`get(name).select(axis, index)`, reading only that part where the axis is the first."""
+        if axis != 0:
+            return self.get(name).select(axis, index)
+        shard = self.weight_map[name]
+        if shard not in self._files:
+            self._files[shard] = self._stack.enter_context(safe_open(self.folder / shard, "pt"))
+        return self._files[shard].get_slice(name)[index]
+
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of `name`, from the shard's header (no tensor read)."""
         shard = self.weight_map[name]
@@ -163,7 +172,8 @@ def _encode(name, value, scheme, index, quantised_classes, src, report) -> dict[
     `experts.kept.*`); one that equals none is quantised where the source quantised its name class."""
     if value.dim() < 2 or not value.is_floating_point():
         return None
-    quantised_class = pattern(name) in quantised_classes
+    # moepress's novice layers hold a family's experts module under `kept`: the same class of tensor
+    quantised_class = pattern(name.replace(".kept.", ".")) in quantised_classes
     targets = scheme.stored_names(name)
     if scheme.expert_axis is None:
         hit = index.get(_digest(value))
@@ -182,7 +192,7 @@ def _encode(name, value, scheme, index, quantised_classes, src, report) -> dict[
     for part, hit in zip(value.unbind(axis), hits, strict=True):
         if hit is not None:
             report.copied += 1
-            pieces = [src.get(s).select(axis, hit[1]) for s in scheme.stored_names(hit[0])]
+            pieces = [src.get_part(s, axis, hit[1]) for s in scheme.stored_names(hit[0])]
         else:
             q = scheme.quantize(name, part.unsqueeze(axis))
             pieces = [q[t].select(axis, 0) for t in targets]

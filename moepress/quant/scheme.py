@@ -29,6 +29,8 @@ class Scheme:
     #: the axis of a stored tensor that indexes experts when one tensor holds all of a layer's experts
     #: (gpt-oss MXFP4); None: one stored tensor per expert
     expert_axis: ClassVar[int | None] = None
+    #: the relative (Frobenius) error a freshly quantised weight may have when an output is verified
+    tolerance: ClassVar[float] = 0.1
 
     def __init__(self, config: dict):
         self.config = dict(config)
