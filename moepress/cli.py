@@ -21,6 +21,9 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow the checkpoint's own code")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="allow the original's .bin weights (weights_only)")]
+QuantizeOpt = Annotated[str | None, typer.Option(
+    help="write the output as compressed-tensors: fp8 (FP8-dynamic), w4a16 (int4, groups of 128); "
+    "gptq-w4a16/awq-w4a16 calibrate with llm-compressor (compress only)")]
 
 
 def _gib(n: int) -> str:
@@ -249,12 +252,14 @@ def apply(
     allow_pickle: PickleOpt = False,
     json_out: JsonOpt = False,
     stream: Annotated[bool, typer.Option(help="one decoder layer in memory at a time (larger than RAM)")] = False,
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Apply a plan to MODEL and write a verified checkpoint folder (never over the input)."""
     from moepress.compression import apply as apply_saved
 
     written = apply_saved(model, plan_file, out, overwrite=overwrite, dtype=dtype,
-                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, stream=stream)
+                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, stream=stream,
+                          quantize=quantize)
     _written(written, json_out)
 
 
@@ -281,6 +286,7 @@ def compress(
     allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle", help=PickleHelp)] = None,
     json_out: JsonOpt = False,
     stream: StreamOpt = False,
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Calibrate (cached), plan, apply and write in one go; OUT also gets the statistics, the resolved
     recipe (rerun: `moepress compress --recipe OUT/moepress_recipe.yaml -o OUT2`) and a report."""
@@ -290,7 +296,7 @@ def compress(
         model, method, out, data=data, ratio=ratio, layers=layers, experts=experts,
         memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
         dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-        hp=_hp(hp), recipe=recipe, stream=stream,
+        hp=_hp(hp), recipe=recipe, stream=stream, quantize=quantize,
     )
     _written(written, json_out)
 

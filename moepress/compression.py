@@ -63,6 +63,7 @@ def compress(
     hp: dict[str, Any] | None = None,
     recipe: str | Path | Recipe | None = None,
     stream: bool = False,
+    quantize: str | None = None,
 ) -> Path:
     """Compress `model_path` with `method` into the folder `out` and return `out`.
 
@@ -81,11 +82,15 @@ def compress(
 
     `stream`: calibrate, search and write with one decoder layer in memory at a time, read from the
     checkpoint's safetensors shards (models larger than the GPU or the host memory; `run_recipe`).
+
+    `quantize` (a float input): the output written as compressed-tensors `fp8` (FP8-dynamic), `w4a16`
+    (int4, groups of 128), ... (`moepress.quant.export`), loadable by transformers and vLLM.
     """
     r = build_recipe(
         model_path, method, out, data=data, ratio=ratio, layers=layers, experts=experts,
         memory_budget=memory_budget, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
         dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, hp=hp, recipe=recipe,
+        quantize=quantize,
     )
     return run_recipe(r, overwrite=overwrite, stream=stream)
 
@@ -111,6 +116,7 @@ def build_recipe(
     hp: dict[str, Any] | None = None,
     recipe: str | Path | Recipe | None = None,
     need_output: bool = True,
+    quantize: str | None = None,
 ) -> Recipe:
     """The checked recipe of a run: from the arguments, or from `recipe` with the arguments as overrides."""
     method_args = {"method": method, "ratio": ratio, "layers": layers, "experts": experts,
@@ -129,7 +135,8 @@ def build_recipe(
             if value is not None:
                 setattr(r.data, key, value)
         for key, value in (("batch_size", batch_size), ("device", device), ("dtype", dtype),
-                           ("trust_remote_code", trust_remote_code), ("allow_pickle", allow_pickle)):
+                           ("trust_remote_code", trust_remote_code), ("allow_pickle", allow_pickle),
+                           ("quantize", quantize)):
             if value is not None:
                 setattr(r, key, value)
     else:
@@ -141,7 +148,8 @@ def build_recipe(
         entry = MethodEntry(method=str(method), ratio=ratio, num_layers=layers, experts=experts,
                             memory_budget=memory_budget, hyperparameters=dict(hp or {}))
         settings = {k: v for k, v in (("batch_size", batch_size), ("device", device), ("dtype", dtype),
-                                      ("trust_remote_code", trust_remote_code), ("allow_pickle", allow_pickle))
+                                      ("trust_remote_code", trust_remote_code), ("allow_pickle", allow_pickle),
+                                      ("quantize", quantize))
                     if v is not None}
         r = Recipe(model=local_or_name(model_path), data=spec, methods=[entry], **settings)
     if out is not None:
@@ -465,6 +473,8 @@ def run_recipe(r: Recipe, overwrite: bool = False, stream: bool = False) -> Path
     from moepress.surgery import apply_plan
 
     out = check_output(r.output, overwrite, inputs=(r.model, r.data.path))
+    if stream and r.quantize is not None:
+        raise MoepressError("--quantize does not stream yet: drop --stream, or quantise the output afterwards")
     tokenizer, batches = preflight(r, need_stats=True)
     if stream:
         return _run_recipe_streamed(r, out, overwrite, tokenizer, batches)
@@ -483,7 +493,8 @@ def run_recipe(r: Recipe, overwrite: bool = False, stream: bool = False) -> Path
     t = time.perf_counter()
     source = r.model if Path(r.model).is_dir() else None
     with atomic_dir(out, overwrite) as tmp:
-        write_checkpoint(model, plan, tmp, source)
+        write_checkpoint(model, plan, tmp, source, quantize=r.quantize,
+                         calibration=batches["windows"].input_ids if "windows" in batches else None)
         _write_run_files(tmp, r, result, seconds, t)
     write_report_if_available(out)
     return out
@@ -551,12 +562,14 @@ def _to_stored_dtype(model, model_path: str | Path) -> None:
     model.config.dtype = dtype
 
 
-def write_checkpoint(model, plan, folder: Path, source: str | Path | None) -> None:
+def write_checkpoint(model, plan, folder: Path, source: str | Path | None, quantize: str | None = None,
+                     calibration=None) -> None:
     """`save_compressed` into `folder` (an existing, empty staging folder) so that more files can join
     the checkpoint before the whole folder is renamed into place."""
     from moepress.io.save import save_compressed
 
-    inner = save_compressed(model, plan, folder / "checkpoint", source=source)
+    inner = save_compressed(model, plan, folder / "checkpoint", source=source, quantize=quantize,
+                            calibration=calibration)
     for f in sorted(inner.iterdir()):
         f.rename(folder / f.name)
     inner.rmdir()
@@ -564,10 +577,11 @@ def write_checkpoint(model, plan, folder: Path, source: str | Path | None) -> No
 
 def apply(model_path: str | Path, plan: str | Path, out: str | Path, *, overwrite: bool = False,
           dtype: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False,
-          stream: bool = False) -> Path:
+          stream: bool = False, quantize: str | None = None) -> Path:
     """Apply a saved plan (a plan file, or an output folder holding one) to `model_path`; write `out`.
 
-    `stream`: read, compress and write one decoder layer at a time (models larger than memory)."""
+    `stream`: read, compress and write one decoder layer at a time (models larger than memory).
+    `quantize`: write the output as compressed-tensors `fp8`, `w4a16`, ... (data-free schemes only)."""
     from moepress.atomic import check_output
     from moepress.io.save import PLAN_FILE, save_compressed
     from moepress.models.loading import load_model
@@ -578,6 +592,14 @@ def apply(model_path: str | Path, plan: str | Path, out: str | Path, *, overwrit
 
     plan_path = Path(plan) / PLAN_FILE if Path(plan).is_dir() else Path(plan)
     out = check_output(out, overwrite, inputs=(model_path, plan_path))
+    if quantize is not None:
+        from moepress.quant.export import CALIBRATED, check_quantize
+
+        check_quantize(quantize, model_path)
+        if quantize in CALIBRATED:
+            raise MoepressError(f"--quantize {quantize} calibrates on text: use it with moepress compress --data")
+        if stream:
+            raise MoepressError("--quantize does not stream yet: drop --stream, or quantise the output afterwards")
     # the plan against the model's layers and experts, on an empty copy: before any weight is read
     meta = empty_model(model_path, trust_remote_code, allow_pickle)
     loaded = CompressionPlan.load(plan_path)
@@ -599,7 +621,7 @@ def apply(model_path: str | Path, plan: str | Path, out: str | Path, *, overwrit
     _to_stored_dtype(model, model_path)
     apply_plan(model, loaded)
     source = model_path if Path(model_path).is_dir() else None
-    return save_compressed(model, loaded, out, source=source, overwrite=overwrite)
+    return save_compressed(model, loaded, out, source=source, overwrite=overwrite, quantize=quantize)
 
 
 def write_plan(plan, path: str | Path, overwrite: bool = False) -> Path:

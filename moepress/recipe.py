@@ -249,6 +249,7 @@ class Recipe(BaseModel):
     dtype: str = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load pickle (.bin) weights, with torch.load(weights_only=True)
+    quantize: str | None = None  # write the output as compressed-tensors fp8, w4a16, ... (`moepress.quant.export`)
 
     @field_validator("data", mode="before")
     @classmethod
@@ -323,6 +324,10 @@ class Recipe(BaseModel):
             raise MoepressError(f"--batch-size must be positive (got {self.batch_size})")
         device = resolve_device(self.device)
         resolve_dtype(self.dtype, device)
+        if self.quantize is not None:
+            from moepress.quant.export import check_quantize
+
+            check_quantize(self.quantize, self.model)
         many = len(self.methods) > 1
         for k, entry in enumerate(self.methods):
             try:

@@ -164,7 +164,15 @@ def size_section(manifest: Manifest) -> str:
         )
     q = manifest.quantization
     before, after = manifest.stored_bytes_before, manifest.stored_bytes_after
-    if q and before and after:
+    if q and before and after and q.get("quantize"):  # `--quantize`: a float input, quantised on the way out
+        lines += [
+            "",
+            f"Quantised on the way out ({q['scheme']}, `--quantize {q['quantize']}`): the table counts the weights "
+            f"in float; as stored, with their scales, the weight files go from {_size(before)} to **{_size(after)}** "
+            f"({_pct(after, before)}). {len(q['quantized'])} linear weights quantised, {len(q['unquantized'])} "
+            "(lm_head, routers, shapes the scheme cannot take) left in float.",
+        ]
+    elif q and before and after:
         lines += [
             "",
             f"The input is quantised ({q['scheme']}) and so is this output: the table counts the weights in "

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from moepress.errors import MoepressError
 from moepress.quant.block_fp8 import BlockFP8
+from moepress.quant.compressed_tensors import CompressedTensors
 from moepress.quant.mxfp4 import MXFP4
 from moepress.quant.scheme import Scheme
 
 #: formats moepress reads, first match wins (more register from their modules)
-SCHEMES: list[type[Scheme]] = [BlockFP8, MXFP4]
+SCHEMES: list[type[Scheme]] = [BlockFP8, MXFP4, CompressedTensors]
 
 
 def scheme_for(config: dict) -> Scheme | None:
