@@ -59,6 +59,13 @@ def inspect(
     for c, n in s.parameters.items():
         table.add_row(c, f"{n:,}", _gib(s.bytes[c]))
     console.print(table)
+    from moepress.quant import folder_scheme
+    from moepress.quant.requantize import stored_bytes
+
+    scheme = folder_scheme(model)
+    if scheme is not None:  # the table counts the weights as loaded (dequantised)
+        console.print(f"stored in {scheme.name}: {_gib(stored_bytes(Path(model)))} of weight files "
+                      "(the table counts the weights dequantised)")
 
 
 @app.command()

@@ -52,16 +52,19 @@ def bytes_by_component(model: nn.Module, adapter=None) -> tuple[dict[str, int], 
 def summarize(model: nn.Module) -> ModelSummary:
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
-    first = next(iter(blocks.values()))
+    # a compressed model's first MoE layer may hold moepress's modules (novices, merged experts): the
+    # expert sizes are read off the first layer that still has the family's own experts
+    first = next((b for b in blocks.values() if _sizes(b) is not None), next(iter(blocks.values())))
+    experts, shared, intermediate = _sizes(first) or (first.router_weight.shape[0], 0, 0)
     params, nbytes = bytes_by_component(model, adapter)
     r = first.routing
     return ModelSummary(
         family=adapter.family,
         num_layers=len(adapter.layers(model)),
         moe_layers=sorted(blocks),
-        routed_experts=first.num_experts,
-        shared_intermediate=first.shared_intermediate,
-        expert_intermediate=first.expert_intermediate,
+        routed_experts=experts,
+        shared_intermediate=shared,
+        expert_intermediate=intermediate,
         top_k=first.top_k,
         scoring=r.scoring,
         norm_topk=r.norm_topk,
@@ -71,6 +74,15 @@ def summarize(model: nn.Module) -> ModelSummary:
         bytes=nbytes,
         supports=supported_actions(first),
     )
+
+
+def _sizes(block) -> tuple[int, int, int] | None:
+    """(routed experts, shared intermediate, expert intermediate) of a block, None where its experts are
+    moepress's modules rather than the family's."""
+    try:
+        return block.num_experts, block.shared_intermediate, block.expert_intermediate
+    except AttributeError:
+        return None
 
 
 def supported_actions(block) -> list[str]:

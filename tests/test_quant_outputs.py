@@ -69,3 +69,17 @@ def test_mxfp4_output_copies_kept_experts_as_stored(mxfp4, tmp_path, method):
     with torch.no_grad():
         want, got = reference(ids).logits, loaded(ids).logits
     assert torch.allclose(want, got, atol=2e-2 * want.abs().max().item()), (want - got).abs().max()
+
+
+def test_inspect_reads_quantised_inputs_and_novice_outputs(mxfp4, tmp_path):
+    """`moepress inspect` on an MXFP4 input says what is stored; on a novice output (its first MoE layer
+    holds moepress's modules) it still summarises."""
+    text = tmp_path / "calib.txt"
+    text.write_text(corpus(3000, seed=1))
+    shown = ok(["inspect", mxfp4])
+    assert "stored in mxfp4" in shown and "family gpt_oss" in shown.replace("\n", " ")
+    out = tmp_path / "out"
+    ok(["compress", mxfp4, "--method", "mone", "--ratio", "0.25", "--data", text, "-n", "8", "--seq-len", "64",
+        "-o", out])
+    shown = ok(["inspect", out])
+    assert "routed experts 8" in shown and "stored in mxfp4" in shown

@@ -324,13 +324,13 @@ def keep_input_format(model: nn.Module, tmp: Path, source: Path, scheme, plain: 
 def requantize_output(tmp: Path, source: Path, scheme):
     """`requantize_folder` and its record in the manifest: what was copied, quantised or left in float, and
     the weight shards' bytes as stored before and after."""
-    from moepress.quant.requantize import requantize_folder
+    from moepress.quant.requantize import requantize_folder, stored_bytes
 
     report = requantize_folder(tmp, source, scheme)
     manifest = json.loads((tmp / MANIFEST_FILE).read_text())
     manifest["quantization"] = report.as_dict()
-    manifest["stored_bytes_before"] = _stored_bytes(source)
-    manifest["stored_bytes_after"] = _stored_bytes(tmp)
+    manifest["stored_bytes_before"] = stored_bytes(source)
+    manifest["stored_bytes_after"] = stored_bytes(tmp)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     write_model_card(tmp, source)  # with the stored bytes
     return report
@@ -342,13 +342,6 @@ def _float_config(path: Path) -> None:
     config = json.loads(path.read_text())
     if config.pop("quantization_config", None) is not None:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _stored_bytes(folder: Path) -> int:
-    """Bytes of a folder's weight shards on disk, as stored (quantised tensors and their scales)."""
-    index = folder / "model.safetensors.index.json"
-    names = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
-    return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
 
 
 def _write_folder(

@@ -214,3 +214,10 @@ def load_kwargs(folder: str | Path) -> dict:
         return {"quantization_config": scheme.transformers_config()}
     except ImportError as err:
         raise MoepressError(f"reading {scheme.name} checkpoints needs {err.name}; pip install {err.name}") from None
+
+
+def stored_bytes(folder: Path) -> int:
+    """Bytes of a folder's weight shards on disk, as stored (quantised tensors and their scales)."""
+    index = folder / INDEX
+    names = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
