@@ -113,3 +113,16 @@ def test_hc_smoe_linkage_and_cluster_bound_hyperparameters():
         run(result.stats, 0.5, blocks=blocks, moe_inputs=result.moe_inputs, linkage="ward")
     with pytest.raises(MoepressError, match="max_cluster_size"):
         run(result.stats, 0.5, blocks=blocks, moe_inputs=result.moe_inputs, max_cluster_size=-1)
+
+
+def test_hc_smoe_default_is_the_references_clustering():
+    """Default: Euclidean distance between mean outputs over all sampled tokens, average linkage, no
+    bound (`hcsmoe/merging/clustering.py`'s `hierarchical_clustering`), the issue-24 finding."""
+    _, blocks, result = _calibrated()
+    plan = get_method("hc-smoe")(result.stats, 0.25, blocks=blocks, moe_inputs=result.moe_inputs)
+    assert (plan.hyperparameters["distance"], plan.hyperparameters["linkage"],
+            plan.hyperparameters["max_cluster_size"]) == ("euclidean", "average", 0)
+    for i, block in blocks.items():
+        features = mean_outputs(block, result.moe_inputs[i])
+        want = scipy_clusters(torch.cdist(features, features), kept_count(result.stats[i], 0.25), "average")
+        assert plan.metadata["groups"][str(i)] == want

@@ -9,9 +9,17 @@ cluster into one expert.
    same on the `SAMPLED_INPUTS` (512) token states sampled per layer at calibration
    (`LayerStats.out_mean`, the mean over ROUTED tokens only, is not this feature).
 2. Average-linkage agglomerative clustering into E' = E − round(ratio·E) clusters per layer
-   (`merging.average_linkage`), on cosine distance between the features (`distance="cosine"`, the
-   default asked of moepress; the reference code's `pairwise_distances` is Euclidean:
-   `distance="euclidean"`).
+   (`merging.agglomerate`), on the Euclidean distance between the features, as the reference code
+   computes it (`hcsmoe/merging/clustering.py`: `pairwise_distances` is Euclidean, `compute_distance`
+   the mean pairwise distance between two clusters, `--linkage average`). `distance="cosine"` (the
+   default before issue 24) compares directions only; `linkage="single"|"complete"`;
+   `max_cluster_size=N` never joins past N members (raised by one where no join fits).
+   Why Euclidean: Euclidean average linkage gathers the experts whose mean output is SMALL into one
+   big cluster (13–17 of 64 experts per layer on dsv2-mini at ratio 0.25, 31–33 at 0.5: the
+   "collapse" HC-SMoE issue #2 reports for Qwen3), and merging experts that add little costs
+   little. Cosine ignores output size: its clusters (≤ 7 members at 0.25) merge as badly as random
+   clusters of the same sizes, and its merged models lost to random pruning; bounding the size does
+   not help either (`bench/hc_smoe_diagnosis.py`, docs/methods.md).
 3. Each cluster is merged by frequency-weighted averaging of its members' gate/up/down weights
    (the reference's `--merge freq`: coefficient = routed-slot count share, `LayerStats.frequency`,
    normalised over the cluster; equal shares for a cluster of never-routed experts). No neuron
@@ -71,7 +79,7 @@ def hc_smoe(
     seed: int = 0,
     blocks: dict[int, MoEBlock] | None = None,
     moe_inputs: dict[int, torch.Tensor] | None = None,
-    distance: Literal["cosine", "euclidean"] = "cosine",
+    distance: Literal["cosine", "euclidean"] = "euclidean",
     router: Literal["all-rows", "representative"] = "all-rows",
     linkage: Literal["average", "single", "complete"] = "average",
     max_cluster_size: int = 0,
