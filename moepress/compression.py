@@ -473,8 +473,6 @@ def run_recipe(r: Recipe, overwrite: bool = False, stream: bool = False) -> Path
     from moepress.surgery import apply_plan
 
     out = check_output(r.output, overwrite, inputs=(r.model, r.data.path))
-    if stream and r.quantize is not None:
-        raise MoepressError("--quantize does not stream yet: drop --stream, or quantise the output afterwards")
     tokenizer, batches = preflight(r, need_stats=True)
     if stream:
         return _run_recipe_streamed(r, out, overwrite, tokenizer, batches)
@@ -542,6 +540,11 @@ def _run_recipe_streamed(r: Recipe, out: Path, overwrite: bool, tokenizer, batch
         for f in sorted(inner.iterdir()):
             f.rename(tmp / f.name)
         inner.rmdir()
+        if r.quantize is not None:  # shard by shard too; each weight read back, as no model is in memory
+            from moepress.quant.export import quantize_output
+
+            quantize_output(None, tmp, Path(r.model), r.quantize, plain=False, trust_remote_code=False, verify=True,
+                            calibration=batches["windows"].input_ids if "windows" in batches else None)
         _write_run_files(tmp, r, result, seconds, t, stream=True)
     write_report_if_available(out)
     return out
@@ -598,8 +601,6 @@ def apply(model_path: str | Path, plan: str | Path, out: str | Path, *, overwrit
         check_quantize(quantize, model_path)
         if quantize in CALIBRATED:
             raise MoepressError(f"--quantize {quantize} calibrates on text: use it with moepress compress --data")
-        if stream:
-            raise MoepressError("--quantize does not stream yet: drop --stream, or quantise the output afterwards")
     # the plan against the model's layers and experts, on an empty copy: before any weight is read
     meta = empty_model(model_path, trust_remote_code, allow_pickle)
     loaded = CompressionPlan.load(plan_path)
@@ -614,8 +615,22 @@ def apply(model_path: str | Path, plan: str | Path, out: str | Path, *, overwrit
 
         if not Path(model_path).is_dir():
             raise MoepressError(f"--stream reads a local checkpoint folder; {model_path} is not one")
-        return save_compressed_streaming(model_path, loaded, out, dtype=stored_dtype(model_path) or torch.bfloat16,
-                                         overwrite=overwrite, trust_remote_code=trust_remote_code)
+        if quantize is None:
+            return save_compressed_streaming(model_path, loaded, out,
+                                             dtype=stored_dtype(model_path) or torch.bfloat16,
+                                             overwrite=overwrite, trust_remote_code=trust_remote_code)
+        from moepress.atomic import atomic_dir
+        from moepress.quant.export import quantize_output
+
+        with atomic_dir(out, overwrite) as tmp:  # streamed, then quantised shard by shard, then renamed
+            inner = save_compressed_streaming(model_path, loaded, tmp / "checkpoint",
+                                              dtype=stored_dtype(model_path) or torch.bfloat16,
+                                              trust_remote_code=trust_remote_code)
+            for f in sorted(inner.iterdir()):
+                f.rename(tmp / f.name)
+            inner.rmdir()
+            quantize_output(None, tmp, Path(model_path), quantize, plain=False, trust_remote_code=False, verify=True)
+        return out
     model, _ = load_model(model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code,
                           allow_pickle=allow_pickle)
     _to_stored_dtype(model, model_path)

@@ -204,3 +204,12 @@ def test_bad_quantize_arguments(work, tmp_path):
     except ImportError:
         assert "pip install llmcompressor" in fails(["compress", model, *common, "--quantize", "gptq-w4a16",
                                                      "-o", tmp_path / "c"])
+
+
+def test_streamed_quantize_matches_in_memory(work, fp8_out):
+    """--stream writes layer by layer, then quantises shard by shard (each weight read back): the same
+    FP8 checkpoint as the in-memory path, which verified its logits."""
+    out = work / "fp8-streamed"
+    cli(["apply", mini_model_path("dsv2-mini"), fp8_out, "--stream", "--quantize", "fp8", "-o", out])
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "float-quantized"
+    assert torch.equal(logits(out), logits(fp8_out))
