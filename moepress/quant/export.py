@@ -363,23 +363,23 @@ def verify_quantized(model, folder: Path, scheme_name: str, plain: bool, trust_r
 
 def _calibrated(folder: Path, scheme_name: str, calibration: torch.Tensor | None) -> dict:
     """GPTQ/AWQ through llm-compressor's `oneshot` on the run's calibration tokens; the folder is loaded
-    with transformers, quantised and saved compressed over itself."""
+    with transformers, quantised and saved compressed over itself. Untested here (llm-compressor pins
+    transformers <= 5.17 and is not installed beside moepress's tests); transformers 5.x keeps most
+    families' routed experts fused (not `Linear`), which llm-compressor calibrates only for the families
+    its MoE calibration modules cover."""
     if calibration is None:
         raise MoepressError(f"--quantize {scheme_name} needs calibration tokens (moepress compress passes its --data)")
     import shutil
 
     from datasets import Dataset
-    from llmcompressor import modifiers as llmc_modifiers
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
     modifier, preset = CALIBRATED[scheme_name]
-    cls = getattr(llmc_modifiers, modifier, None)
-    if cls is None:  # older releases keep them in submodules
-        from llmcompressor.modifiers.quantization import GPTQModifier
-
-        cls = GPTQModifier if modifier == "GPTQModifier" else __import__(
-            "llmcompressor.modifiers.awq", fromlist=["AWQModifier"]).AWQModifier
+    if modifier == "GPTQModifier":
+        from llmcompressor.modifiers.quantization import GPTQModifier as cls
+    else:
+        from llmcompressor.modifiers.awq import AWQModifier as cls
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     ignore = ["lm_head", *(f"re:.*{leaf}$" for leaf in sorted(ROUTER_LEAVES))]
     recipe = cls(targets="Linear", scheme=preset, ignore=ignore)
