@@ -213,3 +213,30 @@ def test_streamed_quantize_matches_in_memory(work, fp8_out):
     cli(["apply", mini_model_path("dsv2-mini"), fp8_out, "--stream", "--quantize", "fp8", "-o", out])
     assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "float-quantized"
     assert torch.equal(logits(out), logits(fp8_out))
+
+
+def test_nvfp4_tensors_read():
+    """NVFP4 (`nvfp4-pack-quantized`): FP4 codes packed two per uint8, FP8 scales per 16 inputs and a
+    global scale; read back within FP4's rounding, an incomplete one refused in one line."""
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+
+    group = preset_name_to_scheme("NVFP4A16", ["Linear"])
+    group.format = "nvfp4-pack-quantized"
+    config = {**QuantizationConfig(config_groups={"group_0": group}, format="nvfp4-pack-quantized",
+                                   quantization_status="compressed").model_dump(mode="json"),
+              "quant_method": "compressed-tensors"}
+    scheme = CompressedTensors(config)
+    torch.manual_seed(0)
+    weight = torch.randn(64, 96, dtype=torch.bfloat16)
+    name = "model.layers.0.mlp.experts.2.up_proj.weight"
+    parts = scheme.quantize(name, weight)
+    module = name[: -len(".weight")]
+    assert parts[module + ".weight_packed"].dtype == torch.uint8 and parts[module + ".weight_packed"].shape == (64, 48)
+    assert parts[module + ".weight_scale"].dtype == torch.float8_e4m3fn
+    assert parts[module + ".weight_scale"].shape == (64, 6)
+    assert set(scheme.logical_names(parts)) == {name}
+    assert relative(scheme.dequantize(name, parts, torch.float32), weight.float()) < 0.15
+    with pytest.raises(MoepressError, match="weight_global_scale"):
+        scheme.check(name, {k: v for k, v in parts.items() if not k.endswith("global_scale")})
+    with pytest.raises(MoepressError, match="global scale"):  # transformers 5.24 would misread its experts
+        scheme.transformers_config()
