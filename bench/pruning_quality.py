@@ -85,7 +85,7 @@ def plain_load_check(folder: Path, compressed) -> dict:
     """
     from transformers import AutoModelForCausalLM
 
-    from moepress.io.save import probe_ids
+    from moepress.io.verify import probe_ids
 
     p = next(compressed.parameters())
     try:

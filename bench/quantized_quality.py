@@ -31,7 +31,7 @@ from moepress.models.loading import load_model, resolve_device
 
 DEV_SEED = 1
 TASKS = ("hellaswag", "piqa")
-FULL = dict(n=64, seq_len=256, eval_tokens=65536, eval_len=512, task_limit=None)
+FULL = dict(n=64, seq_len=256, eval_tokens=32768, eval_len=512, task_limit=None)
 QUICK = dict(n=8, seq_len=128, eval_tokens=4096, eval_len=512, task_limit=20)
 
 
@@ -104,7 +104,8 @@ def print_table(result: dict) -> None:
     print("| variant | dev ppl | JS | top-1 | hellaswag acc_n | piqa acc_n | MiB stored |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
-        acc = [f"{r['tasks'][t]['acc_norm']:.3f}" if t in r.get("tasks", {}) else "—" for t in TASKS]
+        tasks = {k.removesuffix("_local"): v for k, v in r.get("tasks", {}).items()}  # local task files' names
+        acc = [f"{tasks[t]['acc_norm']:.3f}" if t in tasks else "—" for t in TASKS]
         print(f"| {r['variant']} | {r['ppl']:.2f} | {r['js']:.4f} | {r['top1']:.3f} | {acc[0]} | {acc[1]} "
               f"| {r['stored_bytes'] / 2**20:.1f} |")
 

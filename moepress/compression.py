@@ -541,7 +541,7 @@ def _run_recipe_streamed(r: Recipe, out: Path, overwrite: bool, tokenizer, batch
             f.rename(tmp / f.name)
         inner.rmdir()
         if r.quantize is not None:  # shard by shard too; each weight read back, as no model is in memory
-            from moepress.quant.export import quantize_output
+            from moepress.io.quantized import quantize_output
 
             quantize_output(None, tmp, Path(r.model), r.quantize, plain=False, trust_remote_code=False, verify=True,
                             calibration=batches["windows"].input_ids if "windows" in batches else None)
@@ -620,7 +620,7 @@ def apply(model_path: str | Path, plan: str | Path, out: str | Path, *, overwrit
                                              dtype=stored_dtype(model_path) or torch.bfloat16,
                                              overwrite=overwrite, trust_remote_code=trust_remote_code)
         from moepress.atomic import atomic_dir
-        from moepress.quant.export import quantize_output
+        from moepress.io.quantized import quantize_output
 
         with atomic_dir(out, overwrite) as tmp:  # streamed, then quantised shard by shard, then renamed
             inner = save_compressed_streaming(model_path, loaded, tmp / "checkpoint",

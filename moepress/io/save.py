@@ -41,10 +41,12 @@ from torch import nn
 
 from moepress.atomic import atomic_dir, check_output
 from moepress.errors import MoepressError
-from moepress.io.load import load
+from moepress.io.load import load  # noqa: F401 - re-exported (moepress.io.save.load)
 from moepress.io.manifest import MANIFEST_FILE, Manifest, moepress_version
 from moepress.io.model_card import write_model_card
+from moepress.io.quantized import keep_input_format, quantize_output
 from moepress.io.sizes import size_by_component
+from moepress.io.verify import probe_ids, verify_checkpoint  # noqa: F401 - probe_ids: re-exported
 from moepress.modules import approximate
 from moepress.modules.model_type import (
     compressed_class_name,
@@ -302,38 +304,9 @@ def save_compressed(
             keep_input_format(model, tmp, source, scheme, plain=structure is None and not native and not remote,
                               trust_remote_code=remote, verify=verify)
         if quantize is not None:  # --quantize: the float folder, verified, rewritten in compressed-tensors
-            from moepress.quant.export import quantize_output
-
             quantize_output(model, tmp, source, quantize, plain=structure is None and not native and not remote,
                             trust_remote_code=remote, verify=verify, calibration=calibration)
     return out
-
-
-def keep_input_format(model: nn.Module, tmp: Path, source: Path, scheme, plain: bool, trust_remote_code: bool,
-                      verify: bool) -> None:
-    """Rewrite the float folder `tmp` in the quantised format of its input `source` (sliced weights copied
-    with their scales, new ones quantised), record it in the manifest, and check the result still
-    reproduces `model` within the format's rounding."""
-    report = requantize_output(tmp, source, scheme)
-    if verify and not report.quantized:  # every weight copied or left as written: exact
-        verify_checkpoint(model, tmp, plain=plain, trust_remote_code=trust_remote_code)
-    elif verify:  # new weights carry the format's rounding: each weight within it, the rest exact
-        verify_weights(model, tmp, plain=plain, trust_remote_code=trust_remote_code, tolerance=scheme.tolerance)
-
-
-def requantize_output(tmp: Path, source: Path, scheme):
-    """`requantize_folder` and its record in the manifest: what was copied, quantised or left in float, and
-    the weight shards' bytes as stored before and after."""
-    from moepress.quant.requantize import requantize_folder, stored_bytes
-
-    report = requantize_folder(tmp, source, scheme)
-    manifest = json.loads((tmp / MANIFEST_FILE).read_text())
-    manifest["quantization"] = report.as_dict()
-    manifest["stored_bytes_before"] = stored_bytes(source)
-    manifest["stored_bytes_after"] = stored_bytes(tmp)
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-    write_model_card(tmp, source)  # with the stored bytes
-    return report
 
 
 def _float_config(path: Path) -> None:
@@ -484,58 +457,3 @@ def _copy_remote_code(model: nn.Module, source: Path | None, dst: Path) -> None:
                 files |= {f, *map(Path, get_relative_import_files(str(f)))}
     for f in files:
         shutil.copyfile(f, dst / f.name)
-
-
-def probe_ids(vocab_size: int, n: int = 12) -> torch.Tensor:
-    """A few token ids spread over the vocabulary, as one sequence."""
-    return torch.linspace(0, vocab_size - 1, n).long()[None]
-
-
-def reload_checkpoint(model: nn.Module, folder: Path, plain: bool, trust_remote_code: bool = False) -> nn.Module:
-    """`folder` loaded as its format promises, in `model`'s dtype and device: a plain folder with plain
-    `AutoModelForCausalLM` (no custom code), any other through `moepress.load`."""
-    from transformers import AutoModelForCausalLM
-
-    p = next(model.parameters())
-    if plain:
-        from moepress.quant.requantize import load_kwargs
-
-        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=p.dtype, **load_kwargs(folder))
-        return reloaded.to(p.device).eval()
-    return load(folder, dtype=p.dtype, device=p.device, trust_remote_code=trust_remote_code)
-
-
-def verify_checkpoint(model: nn.Module, folder: Path, plain: bool, trust_remote_code: bool = False) -> None:
-    """Reload `folder` and compare its logits with `model`'s; raise if the folder does not reproduce it."""
-    p = next(model.parameters())
-    reloaded = reload_checkpoint(model, folder, plain, trust_remote_code)
-    ids = probe_ids(model.config.get_text_config().vocab_size).to(p.device)  # a VLM wrapper's is its text config's
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        want = model(ids).logits.float()
-        got = reloaded(ids).logits.float()
-    model.train(was_training)
-    tol = 1e-5 if p.dtype == torch.float32 else 1e-2
-    diff = (want - got).abs().max().item()
-    if not diff <= tol * max(1.0, want.abs().max().item()):
-        raise RuntimeError(f"the written checkpoint does not reproduce the model (max logit difference {diff:.3g})")
-
-
-def verify_weights(model: nn.Module, folder: Path, plain: bool, trust_remote_code: bool, tolerance: float) -> None:
-    """Reload `folder` and compare every weight with `model`'s: a quantised output whose new weights carry
-    the format's rounding (relative error up to `tolerance`), everything else exact in the model's dtype."""
-    reloaded = reload_checkpoint(model, folder, plain, trust_remote_code).state_dict()
-    worst, where = 0.0, ""
-    for name, want in model.state_dict().items():
-        got = reloaded.get(name)
-        if got is None or got.shape != want.shape:
-            raise RuntimeError(f"the written checkpoint does not reproduce the model: {name} is missing or reshaped")
-        if not want.is_floating_point() or torch.equal(got, want):
-            continue
-        err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
-        if err > worst:
-            worst, where = err, name
-    if worst > tolerance:
-        raise RuntimeError(f"the written checkpoint does not reproduce the model: {where} is off by {worst:.3g} "
-                           f"(relative), more than the format's {tolerance}")

@@ -24,7 +24,8 @@ from transformers.modeling_utils import revert_weight_conversion
 from moepress.atomic import atomic_dir, check_output
 from moepress.calibrate.streaming import Streamer, release
 from moepress.errors import MoepressError
-from moepress.io.save import finish_folder, native_candidate, native_layer, requantize_output
+from moepress.io.quantized import requantize_output
+from moepress.io.save import finish_folder, native_candidate, native_layer
 from moepress.modules import approximate
 from moepress.plan import CompressionPlan
 from moepress.surgery.apply import (
