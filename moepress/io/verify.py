@@ -51,16 +51,18 @@ def verify_weights(model: nn.Module, folder: Path, plain: bool, trust_remote_cod
     """Reload `folder` and compare every weight with `model`'s: a quantised output whose new weights carry
     the format's rounding (relative error up to `tolerance`), everything else exact in the model's dtype."""
     reloaded = reload_checkpoint(model, folder, plain, trust_remote_code).state_dict()
-    worst, where = 0.0, ""
-    for name, want in model.state_dict().items():
-        got = reloaded.get(name)
-        if got is None or got.shape != want.shape:
-            raise RuntimeError(f"the written checkpoint does not reproduce the model: {name} is missing or reshaped")
-        if not want.is_floating_point() or torch.equal(got, want):
+    compare_weights(model.state_dict(), reloaded, tolerance, "written")
+
+
+def compare_weights(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor], tolerance: float, what: str) -> None:
+    """Raise unless every weight of `got` equals `want`'s or lies within `tolerance` of it (relative RMS)."""
+    for name, w in want.items():
+        g = got.get(name)
+        if g is None or g.shape != w.shape:
+            raise RuntimeError(f"the {what} checkpoint does not reproduce the model: {name} is missing or reshaped")
+        if not w.is_floating_point() or torch.equal(g, w):
             continue
-        err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
-        if err > worst:
-            worst, where = err, name
-    if worst > tolerance:
-        raise RuntimeError(f"the written checkpoint does not reproduce the model: {where} is off by {worst:.3g} "
-                           f"(relative), more than the format's {tolerance}")
+        err = ((g.float() - w.float()).norm() / w.float().norm().clamp_min(1e-12)).item()
+        if not err <= tolerance:  # NaN fails too
+            raise RuntimeError(f"the {what} checkpoint does not reproduce the model: {name} reads back {err:.3g} "
+                               f"away (relative), more than the format's {tolerance}")
