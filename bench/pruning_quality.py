@@ -21,6 +21,7 @@ stored dtype (bf16), predicted on and written from a CPU copy in that dtype.
     python bench/pruning_quality.py --device cuda --tag h100   # all models × methods × ratios
     python bench/pruning_quality.py --device cuda --methods hc-smoe m-smoe ream --ratios 0.25 0.5 \
         --tasks ../shared/data/tasks --tag merging             # the merging rows, with accuracy
+    python bench/pruning_quality.py --methods hc-smoe@router=representative ...   # with hyperparameters
 
 Prints a table per model and writes bench/results/pruning_quality[_TAG].json.
 """
@@ -208,14 +209,29 @@ def run_model(name: str, args, cfg: dict, device: torch.device, problems: list[s
     return out
 
 
+def method_spec(method: str) -> tuple[str, dict]:
+    """`hc-smoe@router=representative,linkage=single` → ("hc-smoe", {"router": "representative", ...}):
+    a method with hyperparameters, as one --methods entry (values stay strings unless numbers)."""
+    name, _, rest = method.partition("@")
+    hp = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            hp[key] = float(value) if "." in value else int(value)
+        except ValueError:
+            hp[key] = value
+    return name, hp
+
+
 def run_one(name, method, ratio, model, store, path, stats, blocks, moe_inputs, dev, reference, base,
             original, args, device, problems, context) -> dict:
     seconds = {}
     start = time.perf_counter()
     extra = {}
-    if method_is_sequential(method):  # ream: re-runs the model on the calibration tokens, layer by layer
+    name_only, hp = method_spec(method)
+    if method_is_sequential(name_only):  # ream: re-runs the model on the calibration tokens, layer by layer
         extra["model_inputs"] = ModelInputs(model, context["calibration_ids"], args.batch_size, device)
-    plan = get_method(method)(stats, ratio, seed=args.seed, blocks=blocks, moe_inputs=moe_inputs, **extra)
+    plan = get_method(name_only)(stats, ratio, seed=args.seed, blocks=blocks, moe_inputs=moe_inputs, **extra, **hp)
     seconds["plan"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -229,6 +245,8 @@ def run_one(name, method, ratio, model, store, path, stats, blocks, moe_inputs, 
     predicted = predict_size(store, plan)
 
     novices = bool(plan.metadata.get("novices"))
+    # merges keeping every router row (the default) are moepress's own format, never plain
+    plain = not novices and not any(getattr(e, "router_rows", "kept") == "all" for e in plan.layers.values())
     row = {
         "method": method,
         "ratio": ratio,
@@ -250,12 +268,12 @@ def run_one(name, method, ratio, model, store, path, stats, blocks, moe_inputs, 
         start = time.perf_counter()
         written = write_and_check(store, plan, path, predicted)
         seconds["write"] = time.perf_counter() - start
-        written["plain_expected"] = not novices
+        written["plain_expected"] = plain
         row["written"] = written
         if not written["bytes_equal_prediction"]:
             problems.append(f"{name} {method} {ratio}: wrote {written['bytes']} bytes / {written['params']} "
                             f"params, predicted {predicted.bytes} / {predicted.params}")
-        if not novices and not written["plain_loadable"]:
+        if plain and not written["plain_loadable"]:
             problems.append(f"{name} {method} {ratio}: not loadable with plain transformers: "
                             f"{written.get('reason')}")
     row["seconds"] = seconds
@@ -358,7 +376,7 @@ def main() -> None:
             **cfg, "batch_size": args.batch_size, "ratios": args.ratios, "write_ratio": args.write_ratio,
             "methods": args.methods, "seed": args.seed, "dev_seed": DEV_SEED, "calib_seed": 0,
             "calibration_data": "calib.txt", "eval_data": "dev.txt",
-            "method_defaults": {m: get_method(m).hyperparameters for m in args.methods},
+            "method_defaults": {m: get_method(method_spec(m)[0]).hyperparameters for m in args.methods},
         },
         "models": {},
         "problems": [],
