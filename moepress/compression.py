@@ -331,6 +331,33 @@ def check_against_model(r: Recipe, model) -> list[list[int]]:
 # ---- planning ----------------------------------------------------------------------------------------
 def make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False, batches: dict | None = None,
               stream=None) -> PlanResult:
+    """`_make_plan` with an in-memory model (loaded on the host) on the recipe's device while it plans, and
+    back on the host after: calibration moves layers one at a time, but the searches and the embeddings
+    the runs start from need the model where the tokens are."""
+    if stream is not None:
+        return _make_plan(model, tokenizer, r, need_stats=need_stats, batches=batches, stream=stream)
+    import torch
+
+    from moepress.models.loading import resolve_device
+
+    device = resolve_device(r.device)
+    home = next(model.parameters()).device
+    if device == home:
+        return _make_plan(model, tokenizer, r, need_stats=need_stats, batches=batches)
+    try:
+        model.to(device)
+    except torch.OutOfMemoryError:
+        model.to(home)
+        raise MoepressError(f"the model does not fit on {device} to plan; pass --stream to read it one layer at a "
+                            "time, or --device cpu") from None
+    try:
+        return _make_plan(model, tokenizer, r, need_stats=need_stats, batches=batches)
+    finally:
+        model.to(home)
+
+
+def _make_plan(model, tokenizer, r: Recipe, *, need_stats: bool = False, batches: dict | None = None,
+               stream=None) -> PlanResult:
     """Calibrate (cached) when a statistics method needs it or `need_stats`, run every entry on the
     original model and the same calibration tokens, and merge the decisions into one plan.
 

@@ -415,7 +415,9 @@ def calibrate(
     layers = adapter.layers(model)
     home = model_device(model) if stream is None else torch.device("meta")
     device = torch.device(device) if device is not None else (home if stream is None else stream.device)
-    capture_device = device if stream is None else stream.rest_device
+    # the embeddings run where they are (a host model calibrated on a GPU: on the host; each layer then
+    # takes its inputs to the GPU)
+    capture_device = home if stream is None else stream.rest_device
     inputs = inputs or capture_inputs(model, input_ids, batch_size, adapter, capture_device)
     inputs.hand_on = hand_on_rule(adapter)  # (inputs resumed from disk carry only the state)
     moe_ids = set(adapter.moe_layer_ids(model))
