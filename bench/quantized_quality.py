@@ -53,7 +53,7 @@ def quantized_copy(source: Path, out: Path, scheme: str) -> Path:
 def accuracy(model, tokenizer, args, cfg) -> dict:
     from moepress.evaluate.lm_eval_bridge import run_tasks
 
-    scores = run_tasks(model, tokenizer, TASKS, data_dir=SHARED / "data" / "tasks", batch_size=args.batch_size,
+    scores = run_tasks(model, tokenizer, TASKS, data_dir=args.shared / "data" / "tasks", batch_size=args.batch_size,
                        limit=cfg["task_limit"])
     return {t: {"acc": s.acc, "acc_norm": s.acc_norm, "samples": s.samples} for t, s in scores.items()}
 
@@ -68,7 +68,7 @@ def row(folder: Path, label: str, tokenizer, dev, reference, args, cfg, device, 
 
 
 def run_model(name: str, args, cfg: dict, device: torch.device, work: Path) -> dict:
-    path, data = SHARED / "models" / name, SHARED / "data"
+    path, data = args.shared / "models" / name, args.shared / "data"
     model, tokenizer = load_model(path, dtype=args.dtype, device=device)
     dev = load_tokens(tokenizer, data / "dev.txt", cfg["eval_tokens"] // cfg["eval_len"], cfg["eval_len"],
                       seed=DEV_SEED).input_ids
@@ -121,8 +121,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, numbers mean nothing")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--eval-tokens", type=int, default=None, help=f"dev tokens (default {FULL['eval_tokens']})")
+    ap.add_argument("--task-limit", type=int, default=None, help="items per task (default all)")
+    ap.add_argument("--shared", type=Path, default=SHARED, help="folder holding models/ and data/")
     args = ap.parse_args()
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    for key in ("eval_tokens", "task_limit"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
     device = resolve_device(args.device)
     results = []
     for name in args.models:
@@ -132,6 +138,7 @@ def main() -> None:
         print_table(result)
         results.append(result)
         tag = "quick" if args.quick else device.type
+        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"quantized_quality_{name}_{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 

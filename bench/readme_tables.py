@@ -50,10 +50,27 @@ def pruning_table() -> str:
 MERGING_ORDER = ("mone", "frequency", "reap", "m-smoe", "ream", "hc-smoe")
 
 
-def merging_table() -> str:
+#: the merging run of issue 24: every router row kept (the merges' default) beside the representative's row
+MERGING2_ORDER = ("mone", "frequency", "random", "reap", "m-smoe", "m-smoe@router=representative", "ream",
+                  "ream@router=representative", "hc-smoe", "hc-smoe@router=representative")
+
+
+def merging2_table() -> str:
+    """Both merge router modes beside pruning: `pruning_quality_<model>_merging2_<where>.json`."""
+    runs = {}
+    for m in MODELS:
+        found = sorted(RESULTS.glob(f"pruning_quality_{m}_merging2_*.json"))
+        if found:
+            runs[m] = json.loads(found[-1].read_text())
+    return merging_table(runs, MERGING2_ORDER) if runs else ""
+
+
+def merging_table(runs: dict | None = None, order: tuple[str, ...] | None = None) -> str:
     """Merging beside pruning on 1 × H200: dev ppl (JS) and HellaSwag / PIQA acc_norm per model."""
-    runs = {m: _load(f"pruning_quality_{m}_merging_h200.json") for m in MODELS}
-    runs = {m: r for m, r in runs.items() if r}
+    if runs is None:
+        runs = {m: _load(f"pruning_quality_{m}_merging_h200.json") for m in MODELS}
+        runs = {m: r for m, r in runs.items() if r}
+    order = order or MERGING_ORDER
     if not runs:
         return ""
 
@@ -67,7 +84,7 @@ def merging_table() -> str:
                       for m, r in runs.items())
     lines.append(f"| original | — | {orig} | 100% |")
     for ratio in sorted({row["ratio"] for r in runs.values() for m in r["models"] for row in r["models"][m]["rows"]}):
-        for method in MERGING_ORDER:
+        for method in order:
             cells, kept = [], []
             for m, r in runs.items():
                 row = next((x for x in r["models"][m]["rows"] if x["method"] == method and x["ratio"] == ratio), None)
@@ -243,7 +260,7 @@ def fidelity_table() -> str:
 
 def main() -> None:
     for title, table in (("reproducing the papers", fidelity_table()), ("expert pruning", pruning_table()),
-                         ("merging", merging_table()),
+                         ("merging", merging_table()), ("merging, both router modes", merging2_table()),
                          ("CD-MoE", cd_moe_table()), ("speed", speed_table()),
                          ("compiled decode", decode_compiled_table()), ("calibration throughput", calibration_table()),
                          ("scale", scale_table())):
