@@ -258,12 +258,33 @@ def fidelity_table() -> str:
     return "\n".join(lines)
 
 
+def quantized_table() -> str:
+    """Pruning and quantising side by side (`bench/quantized_quality.py`): one row per model and variant."""
+    runs = []
+    for m in MODELS:
+        found = sorted(RESULTS.glob(f"quantized_quality_{m}_*.json"))
+        if found and "quick" not in found[-1].name:
+            runs.append(json.loads(found[-1].read_text()))
+    if not runs:
+        return ""
+    lines = ["| model | variant | dev ppl | JS | HellaSwag / PIQA acc_norm | MiB stored | bytes kept |",
+             "|---|---|---:|---:|---|---:|---:|"]
+    for r in runs:
+        base = r["rows"][0]["stored_bytes"]
+        for row in r["rows"]:
+            tasks = {k.removesuffix("_local"): v for k, v in row.get("tasks", {}).items()}
+            acc = "/".join(f"{tasks[t]['acc_norm']:.2f}" for t in ("hellaswag", "piqa") if t in tasks) or "—"
+            lines.append(f"| {r['model']} | {row['variant']} | {row['ppl']:.2f} | {row['js']:.4f} | {acc} "
+                         f"| {row['stored_bytes'] / 2**20:.1f} | {100 * row['stored_bytes'] / base:.0f}% |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     for title, table in (("reproducing the papers", fidelity_table()), ("expert pruning", pruning_table()),
                          ("merging", merging_table()), ("merging, both router modes", merging2_table()),
                          ("CD-MoE", cd_moe_table()), ("speed", speed_table()),
                          ("compiled decode", decode_compiled_table()), ("calibration throughput", calibration_table()),
-                         ("scale", scale_table())):
+                         ("scale", scale_table()), ("pruning and quantising", quantized_table())):
         print(f"### {title}\n\n{table}\n")
 
 
