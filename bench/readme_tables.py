@@ -60,9 +60,24 @@ def merging2_table() -> str:
     runs = {}
     for m in MODELS:
         found = sorted(RESULTS.glob(f"pruning_quality_{m}_merging2_*.json"))
-        if found:
-            runs[m] = json.loads(found[-1].read_text())
+        if not found:
+            continue
+        runs[m] = json.loads(found[-1].read_text())
+        # rows the run left out (device time) from the earlier merging run on the same calibration and dev
+        # tokens, where that run's method computed the same thing (its merges kept the representative's row)
+        earlier = _load(f"pruning_quality_{m}_merging_h200.json")
+        rows = runs[m]["models"][m]["rows"]
+        have = {(x["method"], x["ratio"]) for x in rows}
+        for x in (earlier or {}).get("models", {}).get(m, {}).get("rows", []):
+            name = EARLIER_NAMES.get(x["method"])
+            if name and (name, x["ratio"]) not in have:
+                rows.append({**x, "method": name})
     return merging_table(runs, MERGING2_ORDER) if runs else ""
+
+
+#: the earlier merging run's method names in this one's terms (hc-smoe then used cosine distance: not reused)
+EARLIER_NAMES = {"mone": "mone", "frequency": "frequency", "reap": "reap",
+                 "m-smoe": "m-smoe@router=representative", "ream": "ream@router=representative"}
 
 
 def merging_table(runs: dict | None = None, order: tuple[str, ...] | None = None) -> str:
