@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import moepress
@@ -22,21 +21,14 @@ from moepress.quant.requantize import load_kwargs
 from moepress.surgery import apply_plan
 from moepress.testing import write_tiny_fp8_model
 
+from .quant_helpers import same_bits, stored_tensors
 from .test_cli import ok, runner
 
 EXPERT = ".mlp.experts."
 
 
-def _stored(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("model*.safetensors")):
-        with safe_open(f, "pt") as s:
-            out.update({k: s.get_tensor(k) for k in s.keys()})
-    return out
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def _nbytes(tensors: dict[str, torch.Tensor], experts: bool) -> int:
@@ -60,11 +52,11 @@ def text(tmp_path_factory) -> Path:
 def test_block_fp8_round_trip_and_transformers_dequantisation_agree(fp8):
     scheme = folder_scheme(fp8)
     assert isinstance(scheme, BlockFP8) and scheme.block == (16, 16)
-    stored = _stored(fp8)
+    stored = stored_tensors(fp8)
     name = "model.layers.1.mlp.experts.3.down_proj.weight"
     w = scheme.dequantize(name, stored, torch.float32)
     again = scheme.quantize(name, w)  # re-quantising a dequantised weight gives back its stored bits
-    assert _same_bits(again[name], stored[name])
+    assert same_bits(again[name], stored[name])
     assert torch.allclose(again[name + "_scale_inv"], stored[name + "_scale_inv"], rtol=1e-6)
     model = AutoModelForCausalLM.from_pretrained(fp8, dtype=torch.float32, **load_kwargs(fp8))
     fused = model.model.layers[1].mlp.experts.down_proj[3]
@@ -79,7 +71,7 @@ def test_compressed_fp8_output_keeps_the_input_format(fp8, text, tmp_path, metho
         "-o", out, *(["--stream"] if stream else [])])
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == json.loads((fp8 / "config.json").read_text())["quantization_config"]
-    source, written = _stored(fp8), _stored(out)
+    source, written = stored_tensors(fp8), stored_tensors(out)
     plan = CompressionPlan.load(out / "moepress_plan.json")
     native = bool(config.get("approximate_experts"))
     assert native == (method == "mone")
@@ -91,7 +83,7 @@ def test_compressed_fp8_output_keeps_the_input_format(fp8, text, tmp_path, metho
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 for suffix in ("weight", "weight_scale_inv"):
                     a = written[f"model.layers.{layer}.mlp.experts.{out_id}.{proj}.{suffix}"]
-                    assert _same_bits(a, source[f"model.layers.{layer}.mlp.experts.{old_id}.{proj}.{suffix}"])
+                    assert same_bits(a, source[f"model.layers.{layer}.mlp.experts.{old_id}.{proj}.{suffix}"])
                     compared += 1
     assert compared
     for name, tensor in source.items():  # attention, shared experts, norms untouched; routers sliced
@@ -100,7 +92,7 @@ def test_compressed_fp8_output_keeps_the_input_format(fp8, text, tmp_path, metho
         if ".mlp.gate." in name and not native:
             layer = int(name.split(".")[2])
             tensor = tensor[plan.layers[layer].keep_experts]
-        assert _same_bits(written[name], tensor), name
+        assert same_bits(written[name], tensor), name
     # bytes: the experts shrink by the ratio (novices add one bf16 vector each), the rest is the input's
     kept = sum(len(entry.keep_experts) for entry in plan.layers.values())
     total = 8 * len(plan.layers)
@@ -135,7 +127,7 @@ def test_new_weights_are_quantised_in_the_input_scheme(fp8, tmp_path):
         experts = compressed.model.layers[1].mlp.experts
         experts.gate_up_proj[0] = (experts.gate_up_proj[0] + experts.gate_up_proj[1]) / 2
     out = save_compressed(compressed, plan, tmp_path / "out", source=fp8)
-    written = _stored(out)
+    written = stored_tensors(out)
     name = "model.layers.1.mlp.experts.0.gate_proj.weight"
     assert written[name].dtype == torch.float8_e4m3fn
     manifest = json.loads((out / "moepress_manifest.json").read_text())
@@ -151,7 +143,7 @@ def test_quantised_input_errors_are_one_line(fp8, text, tmp_path):
     with pytest.raises(MoepressError, match="not one moepress reads"):
         scheme_for({"quantization_config": {"quant_method": "bitsandbytes"}})
     scheme = folder_scheme(fp8)
-    stored = _stored(fp8)
+    stored = stored_tensors(fp8)
     name = "model.layers.1.mlp.experts.0.up_proj.weight"
     with pytest.raises(MoepressError, match="has no .*weight_scale_inv"):
         scheme.dequantize(name, {name: stored[name]}, torch.float32)

@@ -14,6 +14,8 @@ from moepress.quant import SCHEMES, folder_scheme, scheme_for
 from moepress.quant.fixtures import GPT_OSS_MXFP4_CONFIG, write_tiny_gpt_oss_mxfp4
 from moepress.quant.mxfp4 import FP4_VALUES, MXFP4
 
+from .quant_helpers import same_bits, stored_tensors
+
 W = "model.layers.0.mlp.experts.gate_up_proj"
 
 
@@ -26,7 +28,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
 
 
-def random_stored(experts=3, rows=40, groups=4, seed=0, low=0, high=255):
+def randomstored_tensors(experts=3, rows=40, groups=4, seed=0, low=0, high=255):
     g = torch.Generator().manual_seed(seed)
     blocks = torch.randint(0, 256, (experts, rows, groups, 16), dtype=torch.uint8, generator=g)
     scales = torch.randint(low, high, (experts, rows, groups), dtype=torch.uint8, generator=g)
@@ -61,7 +63,7 @@ def test_names():
 def test_dequantize_is_transformers_bit_for_bit(dtype):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    stored = random_stored(high=256)  # every code and every exponent, 255 (2^128 = inf) included
+    stored = randomstored_tensors(high=256)  # every code and every exponent, 255 (2^128 = inf) included
     ref = convert_moe_packed_tensors(stored[W + "_blocks"].clone(), stored[W + "_scales"].clone(), dtype=dtype)
     ours = scheme().dequantize(W, stored, dtype)
     assert ours.shape == ref.shape == (3, 4 * 32, 40) and ours.dtype == dtype
@@ -78,10 +80,10 @@ def test_layout_low_nibble_first_rows_are_outputs():
     assert w[0, 0, 1] == 2.0 and w[0, 1, 1] == 12.0 and w[0, :, 0].abs().sum() == 0 and w[0, 2:].abs().sum() == 0
 
 
-def canonical_stored(seed=0, experts=2, rows=24, groups=3):
+def canonicalstored_tensors(seed=0, experts=2, rows=24, groups=3):
     """Stored tensors as a quantiser writes them: each group's largest magnitude 4 or 6 (or all zero,
     exponent byte 0), both signs of zero."""
-    stored = random_stored(experts, rows, groups, seed, low=100, high=160)
+    stored = randomstored_tensors(experts, rows, groups, seed, low=100, high=160)
     blocks = stored[W + "_blocks"]
     codes = torch.stack((blocks & 0xF, blocks >> 4), -1).reshape(experts, rows, groups, 32)
     mag, sign = codes & 7, codes & 8
@@ -96,7 +98,7 @@ def canonical_stored(seed=0, experts=2, rows=24, groups=3):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantize_of_dequantized_is_the_stored_bits(dtype):
-    s, stored = scheme(), canonical_stored()
+    s, stored = scheme(), canonicalstored_tensors()
     again = s.quantize(W, s.dequantize(W, stored, dtype))
     assert again.keys() == stored.keys()
     for name in stored:
@@ -105,7 +107,7 @@ def test_quantize_of_dequantized_is_the_stored_bits(dtype):
 
 def test_quantize_of_any_stored_tensors_keeps_their_values():
     """A group whose largest code is 3 or less (not canonical) gets other codes, never other values."""
-    s, stored = scheme(), random_stored(low=90, high=170)
+    s, stored = scheme(), randomstored_tensors(low=90, high=170)
     w = s.dequantize(W, stored, torch.float32)
     assert torch.equal(bits(s.dequantize(W, s.quantize(W, w), torch.float32)), bits(w))
 
@@ -171,7 +173,7 @@ def test_expert_slices_quantise_on_their_own():
 
 
 def test_shape_errors_name_the_fix():
-    s, stored = scheme(), random_stored()
+    s, stored = scheme(), randomstored_tensors()
     bad = {W + "_blocks": stored[W + "_blocks"], W + "_scales": stored[W + "_scales"][:, :-1]}
     for case, words in [
         (bad, "not MXFP4's"),
@@ -242,18 +244,8 @@ EXPERTS = ".mlp.experts."
 PROJ = ("gate_up_proj", "down_proj")
 
 
-def _stored(folder) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(folder.glob("model*.safetensors")):
-        with safe_open(f, "pt") as s:
-            out.update({k: s.get_tensor(k) for k in s.keys()})
-    return out
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -302,21 +294,21 @@ def test_pruned_mxfp4_output_keeps_every_kept_expert_bit_for_bit(mxfp4, text, tm
     out = _compress(mxfp4, text, tmp_path / "out", "frequency", stream)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == GPT_OSS_MXFP4_CONFIG and config["num_local_experts"] == 6
-    source, written = _stored(mxfp4), _stored(out)
+    source, written = stored_tensors(mxfp4), stored_tensors(out)
     plan = CompressionPlan.load(out / "moepress_plan.json")
     for layer, entry in plan.layers.items():  # expert slices of the stored blocks and scales, renumbered
         prefix = f"model.layers.{layer}.mlp.experts."
         for proj in PROJ:
             for suffix in ("_blocks", "_scales", "_bias"):
                 name = prefix + proj + suffix
-                assert _same_bits(written[name], source[name][entry.keep_experts]), name
+                assert same_bits(written[name], source[name][entry.keep_experts]), name
             assert prefix + proj not in written  # no float copy of an expert weight
     for name, tensor in source.items():  # attention, norms, embeddings untouched; routers sliced
         if EXPERTS in name:
             continue
         if ".mlp.router." in name:
             tensor = tensor[plan.layers[int(name.split(".")[2])].keep_experts]
-        assert _same_bits(written[name], tensor), name
+        assert same_bits(written[name], tensor), name
     assert _nbytes(written) == _nbytes(source) * 6 // 8
     manifest = json.loads((out / "moepress_manifest.json").read_text())
     assert manifest["quantization"] == {"scheme": "mxfp4", "copied": 2 * 6 * len(plan.layers), "quantized": [],
@@ -353,16 +345,16 @@ def test_new_experts_are_quantised_in_mxfp4(mxfp4, tmp_path):
         experts = compressed.model.layers[1].mlp.experts
         experts.gate_up_proj[0] = (experts.gate_up_proj[0] + experts.gate_up_proj[1]) / 2
     out = save_compressed(compressed, plan, tmp_path / "out", source=mxfp4)
-    source, written = _stored(mxfp4), _stored(out)
+    source, written = stored_tensors(mxfp4), stored_tensors(out)
     name = "model.layers.1.mlp.experts.gate_up_proj"
     manifest = json.loads((out / "moepress_manifest.json").read_text())
     assert manifest["quantization"]["quantized"] == [name]
     want = scheme().quantize(name, experts.gate_up_proj[:1].detach())
     for suffix in ("_blocks", "_scales"):
-        assert _same_bits(written[name + suffix][:1], want[name + suffix])
-        assert _same_bits(written[name + suffix][1:], source[name + suffix][keep[1:]])
+        assert same_bits(written[name + suffix][:1], want[name + suffix])
+        assert same_bits(written[name + suffix][1:], source[name + suffix][keep[1:]])
         down = "model.layers.1.mlp.experts.down_proj" + suffix
-        assert _same_bits(written[down], source[down][keep])
+        assert same_bits(written[down], source[down][keep])
     value = scheme().dequantize(name, written, torch.float32)[0]
     merged = experts.gate_up_proj[0].float()
     assert ((value - merged).norm() / merged.norm()) < 0.15
@@ -374,7 +366,7 @@ def test_mone_mxfp4_output_keeps_the_kept_experts_in_mxfp4(mxfp4, text, tmp_path
     from moepress.plan import CompressionPlan
 
     out = _compress(mxfp4, text, tmp_path / "out", "mone")
-    source, written = _stored(mxfp4), _stored(out)
+    source, written = stored_tensors(mxfp4), stored_tensors(out)
     plan = CompressionPlan.load(out / "moepress_plan.json")
     assert not [k for k in written if k.endswith(PROJ)], "expert weights written in float"
     for layer, entry in plan.layers.items():
@@ -384,7 +376,7 @@ def test_mone_mxfp4_output_keeps_the_kept_experts_in_mxfp4(mxfp4, text, tmp_path
                 got = [t for k, t in written.items() if k.startswith(layer_prefix) and k.endswith(stored)]
                 assert len(got) == 1
                 want = source[f"{layer_prefix}mlp.experts.{stored}"][entry.keep_experts]
-                assert _same_bits(got[0], want)
+                assert same_bits(got[0], want)
     assert _nbytes(written) < _nbytes(source)
     # read back dequantised: the kept experts are the source's dequantised slices
     import moepress
@@ -400,6 +392,6 @@ def test_mone_mxfp4_output_keeps_the_kept_experts_in_mxfp4(mxfp4, text, tmp_path
 
 def test_merged_mxfp4_output_stays_mxfp4(mxfp4, text, tmp_path):
     out = _compress(mxfp4, text, tmp_path / "out", "hc-smoe")
-    source, written = _stored(mxfp4), _stored(out)
+    source, written = stored_tensors(mxfp4), stored_tensors(out)
     assert not [k for k in written if k.endswith(PROJ)], "expert weights written in float"
     assert _nbytes(written) < _nbytes(source)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import moepress
@@ -19,15 +18,8 @@ from moepress.quant.fixtures import write_tiny_gpt_oss_mxfp4
 from moepress.quant.requantize import load_kwargs
 from moepress.surgery import apply_plan
 
+from .quant_helpers import stored_tensors
 from .test_cli import ok
-
-
-def _stored(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("model*.safetensors")):
-        with safe_open(f, "pt") as s:
-            out.update({k: s.get_tensor(k) for k in s.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +30,7 @@ def mxfp4(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("method", ["frequency", "mone"])
-def test_mxfp4_output_copies_kept_experts_as_stored(mxfp4, tmp_path, method):
+def test_mxfp4_output_copies_kept_experts_asstored_tensors(mxfp4, tmp_path, method):
     text = tmp_path / "calib.txt"
     text.write_text(corpus(3000, seed=1))
     out = tmp_path / "out"
@@ -46,7 +38,7 @@ def test_mxfp4_output_copies_kept_experts_as_stored(mxfp4, tmp_path, method):
         "-o", out])
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "mxfp4"
-    source, written = _stored(mxfp4), _stored(out)
+    source, written = stored_tensors(mxfp4), stored_tensors(out)
     plan = CompressionPlan.load(out / "moepress_plan.json")
     experts = "kept." if method == "mone" else ""  # a novice layer keeps its retained experts in `kept`
     for layer, entry in plan.layers.items():

@@ -55,6 +55,17 @@ def _eager_rejects_sentinel() -> bool:
 _EAGER_REJECTS_SENTINEL = _eager_rejects_sentinel()
 
 
+def eager_safe_sentinel(kept: nn.Module, sentinel: int) -> int:
+    """The expert id unused slots reach `kept` as: before transformers 5.18 the eager implementation
+    one-hot encodes ids over `num_experts` classes and fails on the sentinel, so there they go to
+    expert 0 at weight 0, as for DBRX."""
+    if sentinel and _EAGER_REJECTS_SENTINEL:
+        implementation = getattr(getattr(kept, "config", None), "_experts_implementation", None)
+        if implementation in (None, "eager"):
+            return 0
+    return sentinel
+
+
 class NoviceExperts(nn.Module):
     """Routed experts of a pruned layer whose router also keeps novice slots (MoNE).
 
@@ -100,14 +111,7 @@ class NoviceExperts(nn.Module):
         return self._maps[device]
 
     def _sentinel(self) -> int:
-        """The expert id novice slots reach `kept` as: before transformers 5.18 the eager implementation
-        one-hot encodes ids over `num_experts` classes and fails on the sentinel, so there they go to
-        expert 0 at weight 0, as for DBRX."""
-        if self.sentinel and _EAGER_REJECTS_SENTINEL:
-            implementation = getattr(getattr(self.kept, "config", None), "_experts_implementation", None)
-            if implementation in (None, "eager"):
-                return 0
-        return self.sentinel
+        return eager_safe_sentinel(self.kept, self.sentinel)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -158,11 +162,7 @@ class MappedExperts(nn.Module):
         return self._maps[device]
 
     def _sentinel(self) -> int:
-        if self.sentinel and _EAGER_REJECTS_SENTINEL:
-            implementation = getattr(getattr(self.kept, "config", None), "_experts_implementation", None)
-            if implementation in (None, "eager"):
-                return 0
-        return self.sentinel
+        return eager_safe_sentinel(self.kept, self.sentinel)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
