@@ -67,27 +67,25 @@ class _Shards:
         self._stack = ExitStack()
         self._files: dict[str, object] = {}
 
-    def get(self, name: str) -> torch.Tensor:
+    def _open(self, name: str):
+        """The open shard holding `name` (each shard opened once)."""
         shard = self.weight_map[name]
         if shard not in self._files:
             self._files[shard] = self._stack.enter_context(safe_open(self.folder / shard, "pt"))
-        return self._files[shard].get_tensor(name)
+        return self._files[shard]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._open(name).get_tensor(name)
 
     def get_part(self, name: str, axis: int, index: int) -> torch.Tensor:
         """`get(name).select(axis, index)`, reading only that part where the axis is the first."""
         if axis != 0:
             return self.get(name).select(axis, index)
-        shard = self.weight_map[name]
-        if shard not in self._files:
-            self._files[shard] = self._stack.enter_context(safe_open(self.folder / shard, "pt"))
-        return self._files[shard].get_slice(name)[index]
+        return self._open(name).get_slice(name)[index]
 
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of `name`, from the shard's header (no tensor read)."""
-        shard = self.weight_map[name]
-        if shard not in self._files:
-            self._files[shard] = self._stack.enter_context(safe_open(self.folder / shard, "pt"))
-        return _SAFETENSORS_DTYPES.get(self._files[shard].get_slice(name).get_dtype(), torch.uint8)
+        return _SAFETENSORS_DTYPES.get(self._open(name).get_slice(name).get_dtype(), torch.uint8)
 
     def close(self) -> None:
         self._stack.close()
