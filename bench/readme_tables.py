@@ -294,12 +294,51 @@ def quantized_table() -> str:
     return "\n".join(lines)
 
 
+def _acc(evaluation: dict) -> str:
+    tasks = evaluation.get("tasks", {})
+    return " | ".join(f"{tasks[t]['acc']:.3f} / {tasks[t]['acc_norm']:.3f}" if t in tasks else "—"
+                      for t in ("hellaswag", "piqa"))
+
+
+def finetune_table(gpu: str = "h200") -> str:
+    """CD-MoE fine-tuning recipes (`bench/finetune_quality.py`): per model the original, the CD-MoE-SR output
+    before fine-tuning, and each recipe after its LM and SFT stages, with the share of the perplexity gap
+    to the original recovered after each stage."""
+    lines = ["| model | variant | LM / SFT steps | train s | dev ppl: LM stage → + SFT stage "
+             "| gap recovered: LM → + SFT | hellaswag acc / acc_norm | piqa acc / acc_norm |",
+             "|---|---|---|---:|---|---|---|---|"]
+    found = False
+    for m in MODELS:
+        run, orig = _load(f"finetune_quality_{m}_{gpu}.json"), _load(f"finetune_quality_{m}_original_{gpu}.json")
+        if not run or not run.get("complete"):
+            continue
+        found = True
+        before = run["before"]
+        base = run.get("original", {}).get("ppl") or (orig or {}).get("before", {}).get("ppl")
+        if orig:
+            lines.append(f"| {m} | original | — | — | {orig['before']['ppl']:.2f} | — | {_acc(orig['before'])} |")
+        layers = ",".join(map(str, run["plan"]["condensed"]))
+        lines.append(f"| {m} | CD-MoE-SR, layers {layers} condensed | — | — | {before['ppl']:.2f} | 0% "
+                     f"| {_acc(before)} |")
+        gap = before["ppl"] - base if base else None
+
+        def share(ppl: float, start: float = before["ppl"], gap: float | None = gap) -> str:
+            return f"{100 * (start - ppl) / gap:.0f}%" if gap else "—"
+
+        for name, r in run["recipes"].items():
+            lines.append(f"| {m} | {name} (lr {r['recipe']['lr']:g}) | {r['lm_steps']} / {r['sft_steps']} "
+                         f"| {r['train_seconds']:.1f} | {r['ppl_after_lm']:.2f} → {r['after']['ppl']:.2f} "
+                         f"| {share(r['ppl_after_lm'])} → {share(r['after']['ppl'])} | {_acc(r['after'])} |")
+    return "\n".join(lines) if found else ""
+
+
 def main() -> None:
     for title, table in (("reproducing the papers", fidelity_table()), ("expert pruning", pruning_table()),
                          ("merging", merging_table()), ("merging, both router modes", merging2_table()),
                          ("CD-MoE", cd_moe_table()), ("speed", speed_table()),
                          ("compiled decode", decode_compiled_table()), ("calibration throughput", calibration_table()),
-                         ("scale", scale_table()), ("pruning and quantising", quantized_table())):
+                         ("scale", scale_table()), ("pruning and quantising", quantized_table()),
+                         ("CD-MoE fine-tuning recipes", finetune_table())):
         print(f"### {title}\n\n{table}\n")
 
 
