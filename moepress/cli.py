@@ -23,7 +23,8 @@ RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow the 
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="allow the original's .bin weights (weights_only)")]
 QuantizeOpt = Annotated[str | None, typer.Option(
     help="write the output as compressed-tensors: fp8 (FP8-dynamic), w4a16 (int4, groups of 128); "
-    "gptq-w4a16/awq-w4a16 calibrate with llm-compressor (compress only)")]
+    "gptq-w4a16 (awq-w4a16 on a GPU) calibrate with llm-compressor, pip install 'moepress[gptq]' "
+    "(compress only)")]
 
 
 def _gib(n: int) -> str:

@@ -202,8 +202,12 @@ def test_bad_quantize_arguments(work, tmp_path):
     try:
         import llmcompressor  # noqa: F401
     except ImportError:
-        assert "pip install llmcompressor" in fails(["compress", model, *common, "--quantize", "gptq-w4a16",
-                                                     "-o", tmp_path / "c"])
+        assert "pip install 'moepress[gptq]'" in fails(["compress", model, *common, "--quantize", "gptq-w4a16",
+                                                       "-o", tmp_path / "c"])
+    else:
+        if not torch.cuda.is_available():
+            assert "needs a GPU" in fails(["compress", model, *common, "--quantize", "awq-w4a16", "-o", tmp_path / "c"])
+    assert not (tmp_path / "c").exists()
 
 
 def test_streamed_quantize_matches_in_memory(work, fp8_out):

