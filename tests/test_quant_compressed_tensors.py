@@ -59,10 +59,16 @@ def fails(args) -> str:
 
 
 @pytest.fixture(scope="module")
-def fp8_out(work) -> Path:
+def calib(work) -> Path:
+    """The first 20,000 characters of calib.txt: tokenised in no time."""
+    path = work / "calib.txt"
+    path.write_text((DATA / "calib.txt").read_text()[:20_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp8_out(work, calib) -> Path:
     """dsv2-mini, frequency pruning, written as FP8-dynamic."""
-    calib = work / "calib.txt"
-    calib.write_text((DATA / "calib.txt").read_text()[:20_000])
     out = work / "fp8"
     cli(["compress", mini_model_path("dsv2-mini"), "--method", "frequency", "--ratio", "0.25", "--data", calib,
          *ARGS, "--quantize", "fp8", "-o", out])
@@ -127,6 +133,30 @@ def test_w4a16_output_loads_in_transformers(work, fp8_out, float_out):
     assert tensors[expert + ".weight_packed"].dtype == torch.int32
     assert tensors[expert + ".weight_shape"].tolist() == [256, 64]
     assert relative(logits(out), logits(float_out)) < 0.5
+
+
+def test_w4a16_novice_output_in_the_native_format(work, calib):
+    """MoNE's output (vLLM's native format: retained experts under their ids, `approx_value` vectors) written
+    as int4: moepress.load reads the retained experts' packed weights back (it verified them against the
+    float model while writing); the folder's remote code refuses in one line rather than misreading them."""
+    import moepress
+
+    out = work / "mone-w4a16"
+    cli(["compress", mini_model_path("olmoe-mini"), "--method", "mone", "--ratio", "0.25", "--data", calib, *ARGS,
+         "--quantize", "w4a16", "-o", out])
+    config = json.loads((out / "config.json").read_text())
+    assert config["approximate_experts"] and config["quantization_config"]["format"] == "pack-quantized"
+    assert any(k.endswith(".approx_value") for k in stored(out))
+    model = moepress.load(out, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 200, 31]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match="moepress.load"):
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    with pytest.raises((RuntimeError, ValueError), match="mismatch|size"):  # the stored experts' count
+        AutoModelForCausalLM.from_pretrained(out)
 
 
 def test_reads_as_the_library_decompresses(tmp_path):

@@ -133,18 +133,18 @@ def load_native(folder: Path, kwargs: dict) -> nn.Module:
         raise MoepressError(f"{folder}: {e}") from None
     base = resolve_base_class(structure, folder)
     model = native_class(base).from_pretrained(folder, config=config, **kwargs)
-    approximate.load_native(model, structure, _dequantizing(reader, folder), reader.names())
+    approximate.load_native(model, structure, *_dequantizing(reader, folder))
     return model
 
 
 def _dequantizing(read, folder: Path):
-    """`read` (stored tensors by name), giving quantised weights (an FP8 output's retained experts)
-    dequantised with their scales."""
+    """(`read` (stored tensors by name) giving quantised weights (an FP8 or int4 output's retained experts)
+    dequantised with their scales, every name it answers: the stored ones and the quantised weights')."""
     from moepress.quant import folder_scheme
 
     scheme = folder_scheme(folder)
     if scheme is None:
-        return read
+        return read, read.names()
     quantized = scheme.logical_names(read.names())
 
     def dequantized(name: str) -> torch.Tensor:
@@ -152,7 +152,7 @@ def _dequantizing(read, folder: Path):
             return read(name)
         return scheme.dequantize(name, {s: read(s) for s in quantized[name]}, torch.float32)
 
-    return dequantized
+    return dequantized, read.names() | set(quantized)
 
 
 def resolve_base_class(structure: dict, folder: Path) -> type:

@@ -140,6 +140,9 @@ class {model_class}(_Base):
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+        if getattr(config, "quantization_config", None):
+            raise ValueError("this checkpoint's retained experts are quantised, which this file cannot read: load it "
+                             "with moepress.load(folder) (pip install moepress) or serve it with vLLM")
         prepare_config(config, TEMPLATE)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
         fill_native(model, pretrained_model_name_or_path)

@@ -109,16 +109,15 @@ def check_approximate(approximate: object, num_experts: int, moe_layers: set[int
 
 @contextmanager
 def _conversions(model: nn.Module) -> Iterator[None]:
-    """Inside: transformers' save-time conversion sees the family's whole mapping. A model loaded from
-    a checkpoint remembers only the conversions its load used (none, for a moepress-format folder)."""
+    """Inside: transformers' save-time conversion sees the family's own mapping, rebuilt from the model's
+    type. A model loaded from a checkpoint remembers the conversions its load used: none for a
+    moepress-format folder, and a quantised one's include the quantiser's steps, which have no reverse."""
     saved = getattr(model, "_weight_conversions", None)
-    if not saved:
-        model._weight_conversions = None  # revert_weight_conversion then rebuilds it from the model's type
+    model._weight_conversions = None  # revert_weight_conversion then rebuilds it from the model's type
     try:
         yield
     finally:
-        if not saved:
-            model._weight_conversions = saved
+        model._weight_conversions = saved
 
 
 def revert(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

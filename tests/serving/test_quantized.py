@@ -17,13 +17,16 @@ MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 DATA = MODELS.parent / "data" / "calib.txt"
 
 
-def test_w4a16_prune_served_by_vllm_cpu(tmp_path):
+@pytest.mark.parametrize("method", ["frequency", "mone"])
+def test_w4a16_output_served_by_vllm_cpu(tmp_path, method):
+    """`frequency`: a plain checkpoint, stock vLLM; `mone`: the native novice format, which vLLM 0.32 serves
+    through moepress's plugin."""
     import moepress
 
     source = MODELS / "olmoe-mini"
     if not (source / "config.json").is_file():
         pytest.skip(f"{source} not present")
-    out = moepress.compress(source, "frequency", tmp_path / "out", data=DATA, ratio=0.25, n=8, seq_len=64,
+    out = moepress.compress(source, method, tmp_path / "out", data=DATA, ratio=0.25, n=8, seq_len=64,
                             quantize="w4a16")
     assert json.loads((Path(out) / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
     prompts = prompt_ids(out)
