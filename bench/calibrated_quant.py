@@ -40,7 +40,8 @@ def load_plain(folder: Path, device: torch.device):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
 
 
-def run_model(name: str, args, work: Path) -> dict:
+def run_model(name: str, args, work: Path, save=lambda result: None) -> dict:
+    """Every scheme on one mini; `save(result)` after each row, so a run cut short keeps its rows."""
     import moepress
 
     device = torch.device(args.device)
@@ -57,6 +58,8 @@ def run_model(name: str, args, work: Path) -> dict:
     rows = [{"scheme": "float (bf16)", **measure(model, dev, reference, args.batch_size, device),
              "logit_distance": 0.0, "stored_bytes": stored_bytes(float_out), "seconds": None}]
     del model
+    result = {"model": name, "method": args.method, "ratio": args.ratio, "rows": rows}
+    save(result)
     for scheme in args.schemes:
         out = shutil.copytree(float_out, work / f"{name}-{scheme}")
         start = time.perf_counter()
@@ -65,6 +68,7 @@ def run_model(name: str, args, work: Path) -> dict:
         except Exception as err:  # noqa: BLE001 - one scheme failing keeps the others' rows
             rows.append({"scheme": scheme, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
             print(f"{name} {scheme}: {rows[-1]['error']}", flush=True)
+            save(result)
             continue
         seconds = time.perf_counter() - start
         model = load_plain(out, device)
@@ -80,7 +84,8 @@ def run_model(name: str, args, work: Path) -> dict:
                      "seconds": seconds})
         print(f"{name} {scheme}: ppl {m['ppl']:.2f}, JS {m['js']:.5f}, logits {rows[-1]['logit_distance']:.4f}, "
               f"{rows[-1]['stored_bytes'] / 2**20:.1f} MiB, {seconds:.0f} s", flush=True)
-    return {"model": name, "method": args.method, "ratio": args.ratio, "rows": rows}
+        save(result)
+    return result
 
 
 def main() -> None:
@@ -101,14 +106,18 @@ def main() -> None:
     args = ap.parse_args()
     args.schemes = [s for s in args.schemes.split(",") if s]
     device = torch.device(args.device)
-    where = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).split()[-1].lower()
+    name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower()
+    where = next((t for t in ("h200", "h100", "a100", "l40", "cpu") if t in name), name.split()[-1])
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     for name in args.models.split(","):
-        with tempfile.TemporaryDirectory() as work:
-            result = run_model(name, args, Path(work))
-        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         path = args.out_dir / f"calibrated_quant_{name}_{where}.json"
-        path.write_text(json.dumps({**environment(device), "config": config, **result}, indent=1) + "\n")
+
+        def save(result: dict, path: Path = path) -> None:
+            path.write_text(json.dumps({**environment(device), "config": config, **result}, indent=1) + "\n")
+
+        with tempfile.TemporaryDirectory() as work:
+            run_model(name, args, Path(work), save)
         print(f"-> {path}", flush=True)
 
 
