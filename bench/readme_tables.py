@@ -332,13 +332,34 @@ def finetune_table(gpu: str = "h200") -> str:
     return "\n".join(lines) if found else ""
 
 
+def calibrated_quant_table() -> str:
+    """Round-to-nearest against calibrated int4 (`bench/calibrated_quant.py`), one row per model and scheme."""
+    lines = ["| model | scheme | dev ppl | JS to the float prune | logits' distance | MiB stored | quantising s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    found = False
+    for m in MODELS:
+        for path in sorted(RESULTS.glob(f"calibrated_quant_{m}_*.json")):
+            r = json.loads(path.read_text())
+            found = True
+            where = path.stem.rsplit("_", 1)[1]
+            for row in r["rows"]:
+                if "error" in row:
+                    continue
+                seconds = "—" if row["seconds"] is None else f"{row['seconds']:.0f} ({where})"
+                lines.append(f"| {m} {r['method']} {r['ratio']:g} | {row['scheme']} | {row['ppl']:.2f} "
+                             f"| {row['js']:.5f} | {row['logit_distance']:.4f} | {row['stored_bytes'] / 2**20:.1f} "
+                             f"| {seconds} |")
+    return "\n".join(lines) if found else ""
+
+
 def main() -> None:
     for title, table in (("reproducing the papers", fidelity_table()), ("expert pruning", pruning_table()),
                          ("merging", merging_table()), ("merging, both router modes", merging2_table()),
                          ("CD-MoE", cd_moe_table()), ("speed", speed_table()),
                          ("compiled decode", decode_compiled_table()), ("calibration throughput", calibration_table()),
                          ("scale", scale_table()), ("pruning and quantising", quantized_table()),
-                         ("CD-MoE fine-tuning recipes", finetune_table())):
+                         ("CD-MoE fine-tuning recipes", finetune_table()),
+                         ("calibrated int4", calibrated_quant_table())):
         print(f"### {title}\n\n{table}\n")
 
 
