@@ -202,20 +202,21 @@ def load(
 
         check_model_type(raw["model_type"])  # compressed from a family of a later transformers
     kwargs = {} if dtype is None else {"dtype": dtype}
-    from moepress.quant.requantize import load_kwargs
+    from moepress.quant.requantize import load_kwargs, passed_config_quietly
 
     kwargs.update(load_kwargs(folder))  # an output kept in its input's FP8 / MXFP4 format: dequantised
     structure = raw.get("moepress_structure")
-    if raw.get("approximate_experts") and structure is None and not remote:
-        model = load_native(folder, kwargs)
-    elif structure is None:
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, **kwargs)
-    else:
-        base = resolve_base_class(structure, folder)
-        model_type = raw.get("model_type", base.config_class.model_type)
-        config_class = compressed_config_class(base.config_class, model_type)
-        if not remote:
-            register_weight_conversions(model_type, source_model_type(model_type))
-        config = config_class.from_pretrained(folder)
-        model = compressed_class(base, config_class).from_pretrained(folder, config=config, **kwargs)
+    with passed_config_quietly():
+        if raw.get("approximate_experts") and structure is None and not remote:
+            model = load_native(folder, kwargs)
+        elif structure is None:
+            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, **kwargs)
+        else:
+            base = resolve_base_class(structure, folder)
+            model_type = raw.get("model_type", base.config_class.model_type)
+            config_class = compressed_config_class(base.config_class, model_type)
+            if not remote:
+                register_weight_conversions(model_type, source_model_type(model_type))
+            config = config_class.from_pretrained(folder)
+            model = compressed_class(base, config_class).from_pretrained(folder, config=config, **kwargs)
     return model.to(device).eval()

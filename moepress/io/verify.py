@@ -23,9 +23,10 @@ def reload_checkpoint(model: nn.Module, folder: Path, plain: bool, trust_remote_
 
     p = next(model.parameters())
     if plain:
-        from moepress.quant.requantize import load_kwargs
+        from moepress.quant.requantize import load_kwargs, passed_config_quietly
 
-        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=p.dtype, **load_kwargs(folder))
+        with passed_config_quietly():
+            reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=p.dtype, **load_kwargs(folder))
         return reloaded.to(p.device).eval()
     return load(folder, dtype=p.dtype, device=p.device, trust_remote_code=trust_remote_code)
 

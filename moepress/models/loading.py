@@ -151,8 +151,11 @@ def load_model(
     if allow_pickle:
         # a pickle can run code when unpickled; weights_only restricts it to tensors and plain containers
         kwargs.update(use_safetensors=None, weights_only=True)
+    from moepress.quant.requantize import passed_config_quietly
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+        with passed_config_quietly():
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
     except pickle.UnpicklingError as err:  # weights_only met something that is not a tensor: refuse it
         why = next((line for line in str(err).splitlines() if "GLOBAL" in line), "not only tensors")
         raise MoepressError(

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import ExitStack
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,6 +201,15 @@ def _encode(name, value, scheme, index, quantised_classes, src, report) -> dict[
     if any(hit is None for hit in hits):
         report.quantized.append(name)
     return {t: torch.stack(bucket, axis).contiguous() for t, bucket in zip(targets, parts, strict=True)}
+
+
+@contextmanager
+def passed_config_quietly() -> Iterator[None]:
+    """Inside: no warning that a passed `quantization_config` overrides the checkpoint's loading
+    attributes (transformers warns on every such load; dequantising on load is what `load_kwargs` asks)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+        yield
 
 
 def load_kwargs(folder: str | Path) -> dict:
