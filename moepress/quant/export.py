@@ -303,7 +303,7 @@ def _calibrated(folder: Path, scheme_name: str, calibration: torch.Tensor | None
     with transformers, quantised and saved compressed over itself. llm-compressor 0.14 turns the fused
     experts of the families it knows into per-expert `Linear`s for calibration (qwen2/3_moe, olmoe,
     deepseek_v3, ...). GPTQ is tested (tests/test_quant_llmcompressor.py, CI's third stage); AWQ needs a
-    GPU and has not run here."""
+    GPU (it ran on an H100 there, unmeasured: docs/quantization.md)."""
     if calibration is None:
         raise MoepressError(f"--quantize {scheme_name} needs calibration tokens (moepress compress passes its --data)")
     import shutil
@@ -311,6 +311,8 @@ def _calibrated(folder: Path, scheme_name: str, calibration: torch.Tensor | None
     from datasets import Dataset
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
+
+    from moepress.quant.requantize import stored_bytes
 
     modifier, preset = CALIBRATED[scheme_name]
     if modifier == "GPTQModifier":
@@ -325,7 +327,7 @@ def _calibrated(folder: Path, scheme_name: str, calibration: torch.Tensor | None
     if expert_scheme is not scheme:
         groups["group_1"] = expert_scheme
     ignore = sorted({"lm_head", *skipped, *(f"re:.*{leaf}$" for leaf in sorted(ROUTER_LEAVES))})
-    before = _folder_bytes(folder)
+    before = stored_bytes(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     recipe = cls(config_groups=groups, ignore=ignore)
     data = Dataset.from_dict({"input_ids": [row.tolist() for row in calibration],
@@ -346,8 +348,4 @@ def _calibrated(folder: Path, scheme_name: str, calibration: torch.Tensor | None
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(staged, ignore_errors=True)
     return {"quantized": sorted(n[: -len(".weight")] for n in chosen), "ignored": skipped,
-            "bytes": (before, _folder_bytes(folder))}
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+            "bytes": (before, stored_bytes(folder))}
