@@ -42,23 +42,28 @@ def dev_logits(model, ids: torch.Tensor, batch_size: int, device) -> list[torch.
 
 @torch.no_grad()
 def measure(model, ids, reference: list[torch.Tensor], batch_size: int, device) -> dict:
-    """Dev perplexity (every next token of every row) and JS / KL / top-1 agreement to the original."""
+    """Dev perplexity (every next token of every row), JS / KL / top-1 agreement to the original, and the
+    logits' relative RMS distance to the original's."""
     model.eval()
-    nll, tokens, div = 0.0, 0, DivergenceSums()
+    nll, tokens, div, diff, norm = 0.0, 0, DivergenceSums(), 0.0, 0.0
     for b, ref in zip(ids.split(batch_size), reference, strict=True):
         logits = model(input_ids=b.to(device), use_cache=False).logits
         nll += token_nll_sum(logits[:, :-1], b[:, 1:].to(device))
         tokens += b[:, 1:].numel()
         div.add(divergence_sums(ref, logits))
+        diff += (logits.float() - ref.float()).pow(2).sum().item()
+        norm += ref.float().pow(2).sum().item()
     d = div.mean()
-    return {"ppl": math.exp(nll / tokens), "js": d.js, "kl": d.kl, "top1": d.top1_agreement}
+    return {"ppl": math.exp(nll / tokens), "js": d.js, "kl": d.kl, "top1": d.top1_agreement,
+            "logit_distance": (diff / norm) ** 0.5}
 
 
 def reference_measure(ids: torch.Tensor, reference: list[torch.Tensor], batch_size: int) -> dict:
     """What `measure` gives the original model itself, from its reference logits (no forward pass)."""
     nll = sum(token_nll_sum(ref[:, :-1], b[:, 1:].to(ref.device))
               for b, ref in zip(ids.split(batch_size), reference, strict=True))
-    return {"ppl": math.exp(nll / ids[:, 1:].numel()), "js": 0.0, "kl": 0.0, "top1": 1.0}
+    return {"ppl": math.exp(nll / ids[:, 1:].numel()), "js": 0.0, "kl": 0.0, "top1": 1.0,
+            "logit_distance": 0.0}
 
 
 def shard_files(folder: Path) -> list[Path]:
