@@ -1,5 +1,5 @@
-"""Every moepress output kind of the bundled Qwen2-MoE and OLMoE minis, and of tiny random Qwen3-MoE and
-Mixtral models: vLLM's greedy tokens (float32, CPU) equal `moepress.load`'s."""
+"""Every moepress output kind of the bundled Qwen2-MoE and OLMoE minis, and of tiny random Qwen3-MoE, Mixtral,
+DeepSeek-V2 and DeepSeek-V3 models: vLLM's greedy tokens (float32, CPU) equal `moepress.load`'s."""
 
 from __future__ import annotations
 
@@ -22,7 +22,16 @@ from tests.serving.helpers import (
 MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 DATA = MODELS.parent / "data" / "calib.txt"
 MINIS = ("qwen2moe-mini", "olmoe-mini")
-TINY = ("qwen3_moe", "mixtral")  # random models at sizes vLLM's CPU attention takes
+# random models at sizes vLLM's CPU attention takes
+_MLA = dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64, head_dim=64)  # CPU MLA: 576
+TINY = {
+    "qwen3_moe": {},
+    "mixtral": {},
+    # the routing fields of DeepSeek-V2-Lite's config (vLLM's CPU router asks for the groups even when greedy)
+    "deepseek_v2": dict(_MLA, q_lora_rank=None, n_group=1, topk_group=1, topk_method="greedy"),
+    # DeepSeek-V3's released config names its routing; transformers' class leaves both out, vLLM reads them
+    "deepseek_v3": dict(_MLA, topk_method="noaux_tc", scoring_func="sigmoid"),
+}
 
 # kind -> how to make it from a source folder
 KINDS = {
@@ -60,7 +69,7 @@ def outputs(tmp_path_factory):
         if model in MINIS:
             return MODELS / model
         if model not in made:
-            made[model] = write_tiny(model, root / model, tokenizer_from=tokenizer)
+            made[model] = write_tiny(model, root / model, tokenizer_from=tokenizer, **TINY[model])
         return made[model]
 
     def get(model: str, kind: str) -> Path:
@@ -72,7 +81,7 @@ def outputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("model", MINIS + TINY)
+@pytest.mark.parametrize("model", MINIS + tuple(TINY))
 def test_vllm_greedy_equals_transformers(outputs, model: str, kind: str):
     folder = outputs(model, kind)
     prompts = prompt_ids(folder)
