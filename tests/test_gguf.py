@@ -7,6 +7,7 @@ MOEPRESS_GGUF_CONVERTER): CI's third stage builds both; elsewhere these tests sk
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,19 @@ def test_uniform_prune_runs_in_llama_cpp(tmp_path, mini):
     prompts = prompt_ids(out)
     got = llama_greedy(to_gguf(out, tmp_path / "model.gguf"), prompts)
     assert_same_greedy(out, prompts, got, transformers_greedy(out, prompts), engine="llama.cpp", rel_tol=1e-3)
+
+
+def test_dense_layers_are_refused_by_the_converter(tmp_path):
+    """A layer-drop (or CD-MoE) output that is a plain Qwen2-MoE checkpoint keeps its dense layers in
+    `mlp_only_layers`; llama.cpp's converter maps no dense MLP tensor of a Qwen2/3-MoE (the original tiny
+    Qwen3-MoE with `mlp_only_layers=[0]` fails the same way), so these outputs have no GGUF form. This test
+    fails once a converter takes them: then the README's GGUF column can say yes."""
+    import moepress
+
+    out = moepress.compress(mini_model_path("qwen2moe-mini"), "layer-drop", tmp_path / "out",
+                            data=DATA / "calib.txt", layers=2, **CALIB)
+    assert json.loads((out / "config.json").read_text())["mlp_only_layers"]  # plain, with dense layers
+    done = subprocess.run([sys.executable, "-c", CONVERT, str(CONVERTER), str(out), "--outtype", "f32",
+                           "--outfile", str(tmp_path / "model.gguf")], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "Can not map tensor 'model.layers." in done.stderr and ".mlp.down_proj.weight'" in done.stderr
