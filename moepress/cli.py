@@ -192,16 +192,23 @@ def _written(out: Path, json_out: bool) -> None:
     plan = CompressionPlan.load(out / PLAN_FILE)
     m = Manifest.model_validate_json((out / MANIFEST_FILE).read_text())
     before, after = m.bytes_before["total"], m.bytes_after["total"]
+    stored = (m.stored_bytes_before, m.stored_bytes_after)  # quantised weights: what the shards hold
     if json_out:
         print(json.dumps({"output": str(out), "method": plan.method, "actions": plan.summary(),
                           "bytes_before": before, "bytes_after": after,
+                          "stored_bytes_before": stored[0], "stored_bytes_after": stored[1],
                           "plain_architecture": m.plain_architecture}, indent=1))
         return
     console.print(_plan_table(plan))
     loads = ("plain transformers (AutoModelForCausalLM)" if m.plain_architecture
              else "moepress.load, or transformers with trust_remote_code=True")
-    console.print(f"{plan.method}: {plan.summary()}; {_gib(before)} → {_gib(after)} "
-                  f"({100 * after / before:.1f}%) → [bold]{out}[/bold], loads with {loads}", soft_wrap=True)
+    size = f"{_gib(before)} → {_gib(after)} ({100 * after / before:.1f}%)"
+    if None not in stored:
+        scheme = (m.quantization or {}).get("scheme", "quantised")
+        size = (f"{_gib(stored[0])} → {_gib(stored[1])} stored ({100 * stored[1] / stored[0]:.1f}%, {scheme}; "
+                f"{size} in bf16)")
+    console.print(f"{plan.method}: {plan.summary()}; {size} → [bold]{out}[/bold], loads with {loads}",
+                  soft_wrap=True)
 
 
 @app.command()

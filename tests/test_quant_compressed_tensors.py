@@ -70,8 +70,9 @@ def calib(work) -> Path:
 def fp8_out(work, calib) -> Path:
     """dsv2-mini, frequency pruning, written as FP8-dynamic."""
     out = work / "fp8"
-    cli(["compress", mini_model_path("dsv2-mini"), "--method", "frequency", "--ratio", "0.25", "--data", calib,
-         *ARGS, "--quantize", "fp8", "-o", out])
+    printed = cli(["compress", mini_model_path("dsv2-mini"), "--method", "frequency", "--ratio", "0.25", "--data",
+                   calib, *ARGS, "--quantize", "fp8", "-o", out])
+    (work / "fp8.printed").write_text(printed)
     return out
 
 
@@ -117,6 +118,10 @@ def test_fp8_output_loads_in_transformers(fp8_out, float_out):
     assert manifest["quantization"]["quantize"] == "fp8"
     assert manifest["stored_bytes_after"] < 0.7 * manifest["stored_bytes_before"]
     assert "--quantize fp8" in (fp8_out / "README.md").read_text()
+    # the closing line gives the bytes the shards hold, not the bf16 model's
+    printed = " ".join((fp8_out.parent / "fp8.printed").read_text().split())
+    mib = f"{manifest['stored_bytes_after'] / 2**20:.1f} MiB stored"
+    assert mib in printed and "compressed-tensors fp8" in printed, printed[-400:]
 
 
 def test_w4a16_output_loads_in_transformers(work, fp8_out, float_out):
