@@ -196,12 +196,13 @@ def decode_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int, reco
     """Greedy decoding of `new_tokens` after the prompt with the model's KV cache; only the decode
     steps are timed. `record["cache_bytes"]` gets the KV cache's size at the end."""
     kw = _step_kwargs(model)
+    cache_keyword = _cache_keyword(model)
     out = model(input_ids=prompt, **kw)
     state = {"past": out.past_key_values, "next": out.logits[:, -1].argmax(-1, keepdim=True)}
 
     def loop() -> None:
         for _ in range(new_tokens):
-            o = model(input_ids=state["next"], past_key_values=state["past"], **kw)
+            o = model(input_ids=state["next"], **{cache_keyword: state["past"]}, **kw)
             state["past"], state["next"] = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
 
     seconds = _elapsed(loop, prompt.device)
