@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import re
@@ -34,48 +33,27 @@ def vllm_greedy(folder: Path, prompts: list[list[int]]) -> list[list[int]]:
     from vllm import LLM, SamplingParams
 
     mla = "kv_lora_rank" in json.loads((folder / "config.json").read_text())
-    with _mla_rope_reference() if mla else contextlib.nullcontext():
-        llm = LLM(
-            model=str(folder),
-            dtype="float32",
-            enforce_eager=True,
-            max_model_len=512,
-            max_num_seqs=4,
-            disable_log_stats=True,
-            seed=0,
-            # where the CPU has AMX vLLM picks its AMX MLA kernels, and those take bf16 only
-            **({"attention_backend": "CPU_MLA"} if mla else {}),
-        )
-        try:
-            outs = llm.generate(
-                [{"prompt_token_ids": p} for p in prompts],
-                SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True),
-                use_tqdm=False,
-            )
-            return [list(o.outputs[0].token_ids) for o in outs]
-        finally:
-            del llm
-            gc.collect()
-
-
-@contextlib.contextmanager
-def _mla_rope_reference():
-    """vLLM's PyTorch rope in place of its CPU rotary op, for MLA models.
-
-    vLLM 0.32's CPU op (`ops.rotary_embedding`) gets MLA's GPT-J-style rope wrong: MLA hands it strided
-    slices (the query's rope part `q[..., qk_nope_head_dim:]`, the key's rope part of `kv_a_proj_with_mqa`'s
-    output) and the op rotates both away from vLLM's own `forward_native` (`test_vllm_cpu_rope.py` pins
-    it). Stock vLLM then differs from transformers on an uncompressed DeepSeek already. With
-    `forward_native` in its place (the engine runs in this process, VLLM_ENABLE_V1_MULTIPROCESSING=0), stock
-    vLLM gives transformers' tokens, so the comparison tests what moepress changes: the MoE layers."""
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
-
-    kernel = RotaryEmbedding.forward_cpu
-    RotaryEmbedding.forward_cpu = RotaryEmbedding.forward_native
+    llm = LLM(
+        model=str(folder),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        max_num_seqs=4,
+        disable_log_stats=True,
+        seed=0,
+        # where the CPU has AMX vLLM picks its AMX MLA kernels, and those take bf16 only
+        **({"attention_backend": "CPU_MLA"} if mla else {}),
+    )
     try:
-        yield
+        outs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True),
+            use_tqdm=False,
+        )
+        return [list(o.outputs[0].token_ids) for o in outs]
     finally:
-        RotaryEmbedding.forward_cpu = kernel
+        del llm
+        gc.collect()
 
 
 def transformers_greedy(folder: Path, prompts: list[list[int]]) -> list[list[int]]:

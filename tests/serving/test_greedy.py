@@ -24,13 +24,24 @@ DATA = MODELS.parent / "data" / "calib.txt"
 MINIS = ("qwen2moe-mini", "olmoe-mini")
 # random models at sizes vLLM's CPU attention takes
 _MLA = dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64, head_dim=64)  # CPU MLA: 576
+
+
+def _yarn(mscale: float) -> dict:
+    """The released DeepSeek configs' rope: yarn, factor 40 over 4k positions. vLLM runs it through
+    DeepseekScalingRotaryEmbedding's PyTorch path; unscaled rope would take vLLM 0.32's CPU rotary op, which
+    rotates MLA's 3-D query and key wrong (test_vllm_cpu_rope.py)."""
+    return dict(max_position_embeddings=163840, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=40.0, original_max_position_embeddings=4096, beta_fast=32,
+        beta_slow=1, mscale=mscale, mscale_all_dim=mscale))
+
+
 TINY = {
     "qwen3_moe": {},
     "mixtral": {},
-    # the routing fields of DeepSeek-V2-Lite's config (vLLM's CPU router asks for the groups even when greedy)
-    "deepseek_v2": dict(_MLA, q_lora_rank=None, n_group=1, topk_group=1, topk_method="greedy"),
+    # DeepSeek-V2-Lite's routing fields (vLLM's CPU router asks for the groups even when greedy) and rope
+    "deepseek_v2": dict(_MLA, **_yarn(0.707), q_lora_rank=None, n_group=1, topk_group=1, topk_method="greedy"),
     # DeepSeek-V3's released config names its routing; transformers' class leaves both out, vLLM reads them
-    "deepseek_v3": dict(_MLA, topk_method="noaux_tc", scoring_func="sigmoid"),
+    "deepseek_v3": dict(_MLA, **_yarn(1.0), topk_method="noaux_tc", scoring_func="sigmoid"),
 }
 
 # kind -> how to make it from a source folder
