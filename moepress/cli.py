@@ -206,7 +206,7 @@ def _written(out: Path, json_out: bool) -> None:
     if None not in stored:
         scheme = (m.quantization or {}).get("scheme", "quantised")
         size = (f"{_gib(stored[0])} → {_gib(stored[1])} stored ({100 * stored[1] / stored[0]:.1f}%, {scheme}; "
-                f"{size} in bf16)")
+                f"{size} unquantised)")
     console.print(f"{plan.method}: {plan.summary()}; {size} → [bold]{out}[/bold], loads with {loads}",
                   soft_wrap=True)
 
