@@ -39,10 +39,8 @@ def test_gptq_output_served_by_vllm_cpu():
     out = os.environ.get("MOEPRESS_GPTQ_OUTPUT")
     if not out:
         pytest.skip("MOEPRESS_GPTQ_OUTPUT names no GPTQ output (CI's third stage writes one)")
-    config = json.loads((Path(out) / "config.json").read_text())
     assert json.loads((Path(out) / "moepress_manifest.json").read_text())["quantization"]["quantize"] == "gptq-w4a16"
-    assert config["quantization_config"]["format"] == "pack-quantized"
-    assert_served_like_moepress(Path(out))
+    assert_served_like_moepress(Path(out))  # checks the pack-quantized format too
 
 
 def assert_served_like_moepress(out: Path) -> None:
